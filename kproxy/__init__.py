@@ -1,0 +1,3 @@
+"""kproxy: a Kubernetes service network, emulated in network namespaces on one machine."""
+
+__version__ = "0.1.0"
