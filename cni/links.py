@@ -22,6 +22,7 @@ from cni import netns as nsutil
 IFF_UP = 0x1
 IFF_PROMISC = 0x100
 RT_TABLE_MAIN = 254
+RTPROT_BOOT = 3  # what iproute2 and the reference plugins' netlink library add routes with
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,7 @@ class Links:
     # links -------------------------------------------------------------
     def get(self, name: str) -> Optional[Link]:
         try:
-            msgs = self.ipr.get_links(ifname=name)
+            msgs = self.ipr.link("get", ifname=name)  # one RTM_GETLINK, not a dump
         except NetlinkError as e:
             if e.code == errno.ENODEV:
                 return None
@@ -147,7 +148,7 @@ class Links:
         self.ipr.brport("set", index=index, mode=1 if on else 0)
 
     def hairpin(self, index: int) -> bool:
-        m = self.ipr.get_links(index)[0]
+        m = self.ipr.link("get", index=index)[0]
         return bool(m.get_nested("IFLA_LINKINFO", "IFLA_INFO_SLAVE_DATA", "IFLA_BRPORT_MODE"))
 
     def set_mac(self, index: int, mac: str) -> None:
@@ -190,7 +191,7 @@ class Links:
     def add_route(self, dst: str, gateway: Optional[str], oif: int) -> None:
         kw = {"gateway": gateway} if gateway else {}
         try:
-            self.ipr.route("add", dst=dst, oif=oif, **kw)
+            self.ipr.route("add", dst=dst, oif=oif, proto=RTPROT_BOOT, **kw)
         except NetlinkError as e:
             if e.code != errno.EEXIST:
                 raise
