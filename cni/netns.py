@@ -126,8 +126,21 @@ def open_fd(name: str) -> int:
     return os.open(path_of(name), os.O_RDONLY)
 
 
+def _ns_id(path: str):
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino)
+
+
+# The namespace this process started in: the machine's own, for a kproxy run from a shell.
+_STARTED_IN = _ns_id("/proc/self/ns/net")
+
+
 def same_as_init(name: str) -> bool:
-    """True if ``name`` is the namespace of PID 1 (the machine's own)."""
-    a = os.stat(path_of(name))
-    b = os.stat("/proc/1/ns/net")
-    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+    """True if ``name`` is the machine's own namespace (PID 1's, or the one kproxy started in)."""
+    target = _ns_id(path_of(name))
+    try:
+        if target == _ns_id("/proc/1/ns/net"):
+            return True
+    except PermissionError:
+        pass
+    return target == _STARTED_IN

@@ -1,0 +1,295 @@
+"""The kproxy command line: a few lines per command over the library.
+
+Verbs follow kubectl where a kubectl user would look for them (get, exec, apply,
+delete, describe); cluster lifecycle verbs (up, down, clean, verify) are kproxy's own.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Optional
+
+import click
+
+from kproxy import state
+from kproxy.config import ClusterConfig, DEFAULT_CLUSTER, NETWORK_MODES, nodes_from_count
+from kproxy.errors import KproxyError
+
+
+def _cluster_name(ctx: click.Context) -> str:
+    return ctx.obj["cluster"]
+
+
+def _open(ctx: click.Context):
+    from kproxy.cluster import Cluster, require_root
+    require_root()
+    return Cluster.open(_cluster_name(ctx))
+
+
+class KproxyGroup(click.Group):
+    """Turns kproxy's own errors into one clear line and exit code 1."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KproxyError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=KproxyGroup)
+@click.option("--cluster", "-c", default=lambda: os.environ.get("KPROXY_CLUSTER", DEFAULT_CLUSTER),
+              show_default="$KPROXY_CLUSTER or kproxy", help="Which emulated cluster to act on.")
+@click.version_option(package_name="kproxy")
+@click.pass_context
+def main(ctx: click.Context, cluster: str) -> None:
+    """Emulate a Kubernetes cluster's service network in network namespaces on this machine.
+
+    \b
+    Quick tour:
+      kproxy up --nodes 2            # nodes, underlay, external client
+      kproxy run web --node node2    # a pod
+      kproxy get pods -o wide
+      kproxy exec web -- ip addr
+      kproxy down                    # removes it all and verifies the machine is as before
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["cluster"] = cluster
+
+
+# ---- lifecycle ---------------------------------------------------------------------------
+
+@main.command()
+@click.option("--nodes", "node_count", type=int, default=None, help="Number of nodes (node1..nodeN). [default: 2]")
+@click.option("--node", "node_names", multiple=True, help="A node name (repeat for several); instead of --nodes.")
+@click.option("--network", "network_mode", type=click.Choice(NETWORK_MODES), default="host-gw", show_default=True,
+              help="How pods on different nodes reach each other.")
+@click.option("--pod-cidr", default="10.244.0.0/16", show_default=True)
+@click.option("--node-subnet-prefix", type=int, default=24, show_default=True, help="Size of each node's pod subnet.")
+@click.option("--service-cidr", default="10.96.0.0/12", show_default=True)
+@click.option("--node-cidr", default="192.168.5.0/24", show_default=True, help="The nodes' (underlay) network.")
+@click.option("--backend", type=click.Choice(["iptables", "nftables", "ipvs"]), default="iptables", show_default=True)
+@click.pass_context
+def up(ctx, node_count, node_names, network_mode, pod_cidr, node_subnet_prefix, service_cidr, node_cidr, backend):
+    """Create the cluster: node namespaces, their bridges and routes, the external client.
+
+    Example: kproxy up --nodes 3 --network vxlan
+    """
+    from kproxy.cluster import Cluster, require_root
+    require_root()
+    if node_names and node_count is not None:
+        raise click.UsageError("give --nodes or --node, not both")
+    nodes = list(node_names) if node_names else nodes_from_count(2 if node_count is None else node_count)
+    config = ClusterConfig(name=_cluster_name(ctx), nodes=nodes, network_mode=network_mode, pod_cidr=pod_cidr,
+                           node_subnet_prefix=node_subnet_prefix, service_cidr=service_cidr,
+                           node_cidr=node_cidr, backend=backend)
+    cluster = Cluster.create(config)
+    click.echo(f"cluster {cluster.name} is up: {len(cluster.nodes)} nodes, {network_mode} networking")
+    _print_nodes(cluster, wide=True)
+
+
+@main.command()
+@click.pass_context
+def down(ctx):
+    """Delete the cluster and verify the machine is as it was before `up`."""
+    from kproxy.clean import clean_cluster
+    from kproxy.cluster import require_root
+    require_root()
+    name = _cluster_name(ctx)
+    if not os.path.isdir(state.cluster_dir(name)):
+        raise KproxyError(f"cluster {name!r} does not exist")
+    report = clean_cluster(name)
+    click.echo(report.summary())
+    sys.exit(0 if report.ok else 1)
+
+
+@main.command()
+@click.option("--all", "all_clusters", is_flag=True, help="Every cluster kproxy has a record of.")
+@click.pass_context
+def clean(ctx, all_clusters):
+    """Remove what a cluster made, from kproxy's records: also after a crash or a half-finished `up`."""
+    from kproxy.clean import clean_cluster
+    from kproxy.cluster import require_root
+    require_root()
+    names = state.known_clusters() if all_clusters else [_cluster_name(ctx)]
+    ok = True
+    for name in names:
+        report = clean_cluster(name)
+        click.echo(report.summary())
+        ok = ok and report.ok
+    if not names:
+        click.echo("nothing to clean")
+    sys.exit(0 if ok else 1)
+
+
+@main.command()
+@click.pass_context
+def verify(ctx):
+    """Compare the machine's own namespace with the snapshot taken before `up`."""
+    from kproxy.clean import verify as do_verify
+    problems = do_verify(_cluster_name(ctx))
+    if problems:
+        click.echo("differences:\n" + "\n".join(f"  - {p}" for p in problems))
+        sys.exit(1)
+    click.echo("the machine's own namespace is as it was before `up`")
+
+
+# ---- get -----------------------------------------------------------------------------------
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("   ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def _print_nodes(cluster, wide: bool = False, output: Optional[str] = None) -> None:
+    if output == "json":
+        items = [{
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": n.name},
+            "spec": {"podCIDR": n.pod_cidr, "podCIDRs": [n.pod_cidr]},
+            "status": {"addresses": [{"type": "InternalIP", "address": n.ip}],
+                       "conditions": [{"type": "Ready", "status": "True"}]},
+            "kproxy": {"netns": n.netns},
+        } for n in cluster.nodes]
+        click.echo(json.dumps({"apiVersion": "v1", "kind": "List", "items": items}, indent=2))
+        return
+    head = ["NAME", "STATUS", "INTERNAL-IP", "POD-CIDR"]
+    if wide:
+        head += ["NETNS", "NETWORK"]
+    rows = [head]
+    for n in cluster.nodes:
+        row = [n.name, "Ready", n.ip, n.pod_cidr]
+        if wide:
+            row += [n.netns, cluster.config.network_mode]
+        rows.append(row)
+    click.echo(_table(rows))
+
+
+def _print_pods(cluster, namespace: Optional[str], wide: bool, output: Optional[str]) -> None:
+    pods = [p for p in cluster.pods.values() if namespace is None or p.namespace == namespace]
+    pods.sort(key=lambda p: (p.namespace, p.name))
+    if output == "json":
+        items = [{
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": p.name, "namespace": p.namespace, "labels": p.labels},
+            "spec": {"nodeName": p.node},
+            "status": {"phase": "Running", "podIP": p.ip, "podIPs": [{"ip": p.ip}]},
+            "kproxy": {"netns": p.netns, "containerID": p.container_id},
+        } for p in pods]
+        click.echo(json.dumps({"apiVersion": "v1", "kind": "List", "items": items}, indent=2))
+        return
+    if not pods:
+        where = "any namespace" if namespace is None else f"{namespace} namespace"
+        click.echo(f"No resources found in {where}.")
+        return
+    head = (["NAMESPACE"] if namespace is None else []) + ["NAME", "STATUS", "IP", "NODE"]
+    if wide:
+        head += ["NETNS"]
+    rows = [head]
+    for p in pods:
+        row = ([p.namespace] if namespace is None else []) + [p.name, "Running", p.ip, p.node]
+        if wide:
+            row += [p.netns]
+        rows.append(row)
+    click.echo(_table(rows))
+
+
+@main.command()
+@click.argument("kind", type=click.Choice(["nodes", "node", "no", "pods", "pod", "po"]))
+@click.option("-o", "--output", type=click.Choice(["wide", "json"]), default=None)
+@click.option("-n", "--namespace", default="default", show_default=True)
+@click.option("-A", "--all-namespaces", is_flag=True)
+@click.pass_context
+def get(ctx, kind, output, namespace, all_namespaces):
+    """List nodes or pods, as kubectl would (-o wide, -o json).
+
+    Example: kproxy get pods -A -o wide
+    """
+    cluster = _open(ctx)
+    wide = output == "wide"
+    if kind in ("nodes", "node", "no"):
+        _print_nodes(cluster, wide=wide, output=output)
+    else:
+        _print_pods(cluster, None if all_namespaces else namespace, wide, output)
+
+
+# ---- pods ----------------------------------------------------------------------------------
+
+def _parse_labels(values) -> dict:
+    labels = {}
+    for v in values:
+        if "=" not in v:
+            raise click.BadParameter(f"label {v!r} is not KEY=VALUE", param_hint="--labels")
+        k, _, val = v.partition("=")
+        labels[k] = val
+    return labels
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.argument("name")
+@click.option("--node", default=None, help="The node to put the pod on (default: the least loaded).")
+@click.option("-n", "--namespace", default="default", show_default=True)
+@click.option("-l", "--labels", multiple=True, help="KEY=VALUE (repeat).")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@click.pass_context
+def run(ctx, name, node, namespace, labels, command):
+    """Create a pod, and optionally start a command in it (after --).
+
+    Example: kproxy run web --node node2 -- python3 -m http.server 80
+    """
+    cluster = _open(ctx)
+    pod = cluster.add_pod(name, namespace=namespace, node=node, labels=_parse_labels(labels))
+    click.echo(f"pod/{pod.name} created on {pod.node} with IP {pod.ip} (netns {pod.netns})")
+    if command:
+        proc = cluster.start_process(pod, list(command), stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        click.echo(f"started {' '.join(command)!r} as PID {proc.pid}")
+
+
+@main.command(name="delete")
+@click.argument("kind", type=click.Choice(["pod", "pods", "po"]))
+@click.argument("names", nargs=-1, required=True)
+@click.option("-n", "--namespace", default="default", show_default=True)
+@click.pass_context
+def delete(ctx, kind, names, namespace):
+    """Delete pods by name."""
+    cluster = _open(ctx)
+    for name in names:
+        cluster.delete_pod(name, namespace)
+        click.echo(f'pod "{name}" deleted')
+
+
+@main.command(name="exec", context_settings={"ignore_unknown_options": True})
+@click.argument("pod")
+@click.option("-n", "--namespace", default="default", show_default=True)
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.pass_context
+def exec_(ctx, pod, namespace, command):
+    """Run a command in a pod's network namespace; its exit code is passed through.
+
+    POD may also be `node/NAME` (a node's namespace) or `external` (the outside client).
+
+    Example: kproxy exec web -- ip -br addr
+    """
+    cluster = _open(ctx)
+    if pod == "external":
+        res = cluster.exec_in(cluster.external_ns, list(command))
+    elif pod.startswith("node/"):
+        res = cluster.exec_in(cluster.node(pod.split("/", 1)[1]).netns, list(command))
+    else:
+        res = cluster.exec(cluster.pod(pod, namespace), list(command))
+    sys.exit(res.returncode)
+
+
+@main.command()
+@click.pass_context
+def demo(ctx):
+    """The guided demo `make demo` runs: a cluster, pods on two nodes, traffic between them."""
+    from kproxy.demo import run_demo
+    sys.exit(run_demo(echo=click.echo))
+
+
+if __name__ == "__main__":
+    main()

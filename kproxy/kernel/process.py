@@ -1,0 +1,90 @@
+"""Processes inside pod namespaces, tracked by PID and start time.
+
+A PID alone can be reused by the kernel after the process ends; kproxy records the
+start time (field 22 of /proc/PID/stat) beside it and only ever signals a PID whose
+start time still matches, so it never ends a process it did not start.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from typing import Optional, Sequence
+
+from cni import netns
+
+
+def start_time(pid: int) -> Optional[int]:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # the command name may contain spaces and parentheses: split after the last ')'
+    fields = stat[stat.rindex(")") + 2:].split()
+    return int(fields[19])
+
+
+def alive(pid: int, started: int) -> bool:
+    st = start_time(pid)
+    if st is None or st != started:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def exec_argv(ns: str, argv: Sequence[str]) -> list[str]:
+    """The argv that runs ``argv`` in namespace ``ns`` the way `ip netns exec` does
+    (which also bind-mounts /etc/netns/<ns>/* over /etc, e.g. a pod's resolv.conf)."""
+    if not netns.exists(ns):
+        raise FileNotFoundError(f"network namespace {ns} does not exist")
+    return ["ip", "netns", "exec", ns, *argv]
+
+
+def spawn(ns: str, argv: Sequence[str], **popen_kwargs) -> tuple[subprocess.Popen, int]:
+    """Start ``argv`` in ``ns``; returns the Popen and the start time to record."""
+    proc = subprocess.Popen(exec_argv(ns, argv), start_new_session=True, **popen_kwargs)
+    started = start_time(proc.pid)
+    return proc, started if started is not None else -1
+
+
+def stop(pid: int, started: int, grace: float = 2.0) -> bool:
+    """SIGTERM, then SIGKILL after ``grace`` seconds, the process we recorded (only it).
+
+    Returns True if a process was signalled."""
+    if not alive(pid, started):
+        return False
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return False
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if not alive(pid, started):
+            _reap(pid)
+            return True
+        _reap(pid)
+        time.sleep(0.02)
+    if alive(pid, started):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for _ in range(100):
+        _reap(pid)
+        if not alive(pid, started):
+            break
+        time.sleep(0.01)
+    return True
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
