@@ -10,6 +10,8 @@ environment and stdin, as a container runtime would, in ``host_netns``.
 """
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import importlib
 import json
@@ -110,7 +112,29 @@ def call(command: str, config: dict, *, container_id: str, netns: str, ifname: s
     ``host_netns`` the one playing the host (None: the caller's).  Returns the ADD
     result or the VERSION answer as a dict, None for DEL/CHECK/GC/STATUS; raises
     `CNIError` with the plugin's error object.
+
+    It blocks.  Called from a thread running an asyncio loop, it does its work on a
+    helper thread (netlink's sync API cannot run inside a running loop); prefer
+    ``await asyncio.to_thread(call, ...)`` there.
     """
+    kwargs = dict(container_id=container_id, netns=netns, ifname=ifname, host_netns=host_netns,
+                  cni_path=cni_path, in_process=in_process, cni_args=cni_args)
+    if _loop_running():
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+            return pool.submit(_call, command, config, **kwargs).result()
+    return _call(command, config, **kwargs)
+
+
+def _loop_running() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+def _call(command: str, config: dict, *, container_id: str, netns: str, ifname: str,
+          host_netns: str | None, cni_path: list[str] | None, in_process: bool, cni_args: str) -> dict | None:
     path = list(cni_path) if cni_path is not None else [plugin_dir(), *DEFAULT_CNI_PATH]
     env = {
         "CNI_COMMAND": command,

@@ -7,6 +7,7 @@ only flows between namespaces made here.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import secrets
@@ -298,6 +299,38 @@ def test_concurrent_in_process_adds_from_threads(make_ns, tmp_path):
     assert len(set(addresses)) == 6 and len(ip_files(tmp_path)) == 6
     for pod in pods:
         assert container_state(pod)["addresses"][0][0] + "/24" == results[pod]["ips"][0]["address"]
+
+
+def test_call_from_asyncio_code_and_with_the_current_namespace_as_host(make_ns, tmp_path):
+    host, a, b = make_ns(), make_ns(), make_ns()
+    c = conf(tmp_path)
+
+    async def from_a_coroutine():
+        return invoke.call("ADD", c, container_id="aio", netns=a, host_netns=host)
+
+    assert asyncio.run(from_a_coroutine())["ips"][0]["address"] == "10.77.0.2/24"
+    with netns.entered(host):  # host_netns=None: the caller's namespace plays the host
+        res = invoke.call("ADD", c, container_id="current", netns=b)
+    assert res["interfaces"][1]["name"] in links(host)
+
+
+@needs_ref
+def test_executables_run_in_the_host_namespace(make_ns, tmp_path):
+    """in_process=False and foreign plugin types run as children inside host_netns."""
+    host, a, b = make_ns(), make_ns(), make_ns()
+    before = {link["ifname"] for link in json.loads(subprocess.run(
+        ["ip", "-j", "link", "show"], capture_output=True, text=True, check=True).stdout)}
+    res_ref = invoke.call("ADD", conf(tmp_path / "ref", ref=True), container_id="ext-ref", netns=a,
+                          host_netns=host, cni_path=list(CNI_PATH))
+    res_kp = invoke.call("ADD", conf(tmp_path / "kp"), container_id="ext-kp", netns=b, host_netns=host,
+                         in_process=False, cni_path=list(CNI_PATH))
+    in_host = links(host)
+    assert {res_ref["interfaces"][1]["name"], res_kp["interfaces"][1]["name"], "cni0"} <= set(in_host)
+    after = {link["ifname"] for link in json.loads(subprocess.run(
+        ["ip", "-j", "link", "show"], capture_output=True, text=True, check=True).stdout)}
+    assert "cni0" not in after - before and not {n for n in after - before if n.startswith("veth")}
+    assert invoke.call("DEL", conf(tmp_path / "kp"), container_id="ext-kp", netns=b, host_netns=host,
+                       in_process=False, cni_path=list(CNI_PATH)) is None
 
 
 def test_exhaustion_error_through_the_protocol(make_ns, tmp_path):
