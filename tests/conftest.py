@@ -1,0 +1,83 @@
+"""Shared fixtures: root-only marking, a private state directory, clusters that always go away."""
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.geteuid() == 0
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def pytest_collection_modifyitems(config, items):
+    skip = pytest.mark.skip(reason="needs root: creates network namespaces")
+    for item in items:
+        if "root" in item.keywords and not ROOT:
+            item.add_marker(skip)
+
+
+def unique(prefix: str = "t") -> str:
+    """A name no other test run uses (cluster names become namespace-name prefixes)."""
+    return f"{prefix}{secrets.token_hex(3)}"
+
+
+@pytest.fixture
+def state_dir(tmp_path, monkeypatch):
+    d = tmp_path / "state"
+    d.mkdir()
+    monkeypatch.setenv("KPROXY_STATE_DIR", str(d))
+    return str(d)
+
+
+@pytest.fixture
+def make_cluster(state_dir):
+    """Factory: make_cluster(nodes=2, network_mode="host-gw", **config) -> Cluster.
+
+    Every cluster it made is cleaned at teardown from its journal, even when the test
+    failed half-way, and the cleanup's own verification must pass."""
+    from kproxy.clean import clean_cluster
+    from kproxy.cluster import Cluster
+    from kproxy.config import ClusterConfig, nodes_from_count
+
+    made = []
+
+    def factory(nodes=2, **kwargs):
+        name = kwargs.pop("name", None) or unique("t")
+        node_names = nodes if isinstance(nodes, list) else nodes_from_count(nodes)
+        made.append(name)
+        return Cluster.create(ClusterConfig(name=name, nodes=node_names, **kwargs))
+
+    yield factory
+    problems = []
+    for name in made:
+        if os.path.isdir(os.path.join(state_dir, "clusters", name)):
+            report = clean_cluster(name)
+            problems += report.problems
+    assert not problems, f"cleanup left differences: {problems}"
+
+
+def kproxy_cli(*args, env=None, check=False, **kwargs) -> subprocess.CompletedProcess:
+    """Run the CLI as a user would (python -m kproxy), capturing text output."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    res = subprocess.run([sys.executable, "-m", "kproxy", *args], capture_output=True, text=True,
+                         env=full_env, cwd=REPO, **kwargs)
+    if check and res.returncode != 0:
+        raise AssertionError(f"kproxy {' '.join(args)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
+    return res
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_leaked_namespaces():
+    """After the whole run, no namespace that was not there before may be left."""
+    if not ROOT:
+        yield
+        return
+    from cni import netns
+    before = set(netns.list_names())
+    yield
+    left = sorted(set(netns.list_names()) - before)
+    assert not left, f"the test run left network namespaces behind: {left}"
