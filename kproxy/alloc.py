@@ -80,8 +80,13 @@ class ClusterIPAllocator:
         for ip, holder in self.allocated.items():
             if holder == owner:
                 return ip
-        offset = self._next
         last = self._last_offset()
+        for offset, holder in sorted(self.reserved.items()):
+            ip = str(self.network.network_address + offset)
+            if holder == owner and offset <= last and ip not in self.allocated:
+                self.allocated[ip] = owner
+                return ip
+        offset = self._next
         while offset <= last:
             ip = str(self.network.network_address + offset)
             if ip not in self.allocated and (offset not in self.reserved or self.reserved[offset] == owner):
