@@ -169,13 +169,13 @@ def _allocate_service(svc: o.Service, alloc: Allocators) -> None:
         svc.load_balancer_ingress = [o.LoadBalancerIngress(ip=ip, ip_mode="VIP")]
 
 
-def render_manifests(paths: Union[str, Iterable[str]], backend: str = "iptables", *,
+def render_manifests(paths: Union[str, Iterable[str]], backend: str = "iptables",
                      node_name: str = DEFAULT_NODE_NAME, node_ip: str = DEFAULT_NODE_IP,
                      cluster_cidr: str = DEFAULT_CLUSTER_CIDR,
                      service_cidr: str = DEFAULT_SERVICE_CIDR,
                      node_port_range: str = DEFAULT_NODE_PORT_RANGE,
                      lb_pool: Union[None, str, Iterable[str]] = None, strict: bool = True,
-                     stdin: Optional[TextIO] = None) -> str:
+                     *, stdin: Optional[TextIO] = None) -> str:
     """The ruleset ``backend`` would program on ``node_name`` for these manifests.
 
     Manifests are loaded like ``kubectl apply -f`` (see ``kproxy.model.load``; a later

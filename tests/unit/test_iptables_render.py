@@ -1146,3 +1146,153 @@ ports: [{{name: p80, port: 80, protocol: TCP}}]
 """)
     services = parse_dump(render(objs, objs, fake_proxier())).chain("nat", "KUBE-SERVICES")
     assert any(r.destination and r.destination.value == "1.2.3.4" for r in services.rules) is expected
+
+
+def test_emission_order_of_the_payload_sections():
+    """kube-proxy-iptables.md section 2: chain lines, then POSTROUTING, MARK-MASQ and
+    KUBE-FIREWALL rules, the per-service blocks, -X lines, the final KUBE-NODEPORTS
+    jump and the KUBE-FORWARD rules; stale chains' chain lines come last."""
+    objs = fixture("overall.input.yaml")
+    out = render_payload(objs, objs, fake_proxier(), existing_chains={"KUBE-SVC-ZZZZZZZZZZZZZZZZ"})
+    assert out.filter_chains == [":KUBE-SERVICES - [0:0]", ":KUBE-EXTERNAL-SERVICES - [0:0]",
+                                 ":KUBE-FORWARD - [0:0]", ":KUBE-NODEPORTS - [0:0]",
+                                 ":KUBE-PROXY-FIREWALL - [0:0]", ":KUBE-FIREWALL - [0:0]"]
+    assert out.nat_chains[:4] == [":KUBE-SERVICES - [0:0]", ":KUBE-NODEPORTS - [0:0]",
+                                  ":KUBE-POSTROUTING - [0:0]", ":KUBE-MARK-MASQ - [0:0]"]
+    assert out.nat_chains[-1] == ":KUBE-SVC-ZZZZZZZZZZZZZZZZ - [0:0]"
+    assert out.filter_rules[0].startswith("-A KUBE-FIREWALL ")
+    assert [r.split()[1] for r in out.filter_rules[-3:]] == ["KUBE-FORWARD"] * 3
+    assert [r.split()[1] for r in out.nat_rules[:4]] == ["KUBE-POSTROUTING"] * 3 + ["KUBE-MARK-MASQ"]
+    assert out.nat_rules[-2:] == [
+        "-X KUBE-SVC-ZZZZZZZZZZZZZZZZ",
+        '-A KUBE-SERVICES -m comment --comment "kubernetes service nodeports; NOTE: this must be the last '
+        'rule in this chain" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS']
+    # per-service blocks are contiguous and sorted by ServicePortName
+    owners = [re.search(r"(ns\d)/svc", r).group(1) for r in out.nat_rules[4:-2] if re.search(r"ns\d/svc", r)]
+    assert owners == sorted(owners)
+    block = [r for r in out.nat_rules if "ns4/svc4" in r or "4SW47YFZTEDKD3PK" in r or
+             "UKSFD7AGPMPPLUHC" in r or "C6EBXVWJJZMIWKLZ" in r]
+    assert [r.split()[1][:9] for r in block] == [
+        "KUBE-SERV", "KUBE-SERV", "KUBE-SVC-", "KUBE-EXT-", "KUBE-EXT-", "KUBE-SVC-", "KUBE-SVC-",
+        "KUBE-SEP-", "KUBE-SEP-", "KUBE-SEP-", "KUBE-SEP-"]
+
+
+MANIFESTS = """
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web}
+spec:
+  replicas: 2
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec: {containers: [{name: web, image: nginx, ports: [{name: http, containerPort: 8080}]}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: remote, labels: {app: web}}
+spec: {nodeName: node-2, containers: [{name: web, image: nginx, ports: [{name: http, containerPort: 8080}]}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  type: LoadBalancer
+  externalTrafficPolicy: Local
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: http}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: fixed}
+spec: {clusterIP: 10.96.0.50, selector: {app: web}, ports: [{port: 81, targetPort: 8080}]}
+"""
+
+
+def test_render_manifests_allocates_and_builds_endpoints(tmp_path):
+    from kproxy.render import render_manifests, resolve_manifests
+
+    path = tmp_path / "app.yaml"
+    path.write_text(MANIFESTS)
+    resolved = resolve_manifests(str(path), lb_pool="192.168.5.240/30")
+    web = resolved.services[0]
+    assert (web.cluster_ip, web.ports[0].node_port, web.health_check_node_port) == ("10.96.0.2", 30000, 30001)
+    assert web.load_balancer_ingress[0].ip == "192.168.5.241"
+    assert resolved.services[1].cluster_ip == "10.96.0.50"
+    assert resolved.node_cidrs == {"node-1": "10.244.0.0/24", "node-2": "10.244.1.0/24"}
+    pods = {p.name: (p.pod_ip, p.node_name) for p in resolved.pods}
+    assert pods["remote"] == ("10.244.1.2", "node-2")
+    local = sorted(ip for name, (ip, node) in pods.items() if node == "node-1")
+    assert local == ["10.244.0.2", "10.244.0.3"] and all(n.startswith("web-") for n in pods if n != "remote")
+
+    payload = render_manifests(str(path), lb_pool="192.168.5.240/30", node_ip="192.168.5.11")
+    assert payload == render_manifests(str(path), "iptables", "node-1", "192.168.5.11", "10.244.0.0/16",
+                                       "10.96.0.0/12", "30000-32767", "192.168.5.240/30", True)
+    check_rule_jumps(payload)
+    every = "10.244.0.2:8080, 10.244.0.3:8080, 10.244.1.2:8080"
+    flows(payload, [
+        ("pod to ClusterIP reaches every pod", "10.244.0.9", "10.96.0.2", 80, every, False),
+        ("outside to LB reaches this node's pods only (eTP Local)", "203.0.113.9", "192.168.5.241", 80,
+         "10.244.0.2:8080, 10.244.0.3:8080", False),
+        ("outside to NodePort likewise", "203.0.113.9", "192.168.5.11", 30000, "10.244.0.2:8080, 10.244.0.3:8080", False),
+        ("health check NodePort accepted", "203.0.113.9", "192.168.5.11", 30001, "ACCEPT", False),
+        ("numeric targetPort", "10.244.0.9", "10.96.0.50", 81, every, False),
+    ], node_ips=["192.168.5.11"])
+    # Rendered for node-2, node-2 is the one node every unplaced Pod lands on: all local.
+    other_node = render_manifests(str(path), node_name="node-2", node_ip="192.168.5.12", lb_pool="192.168.5.240/30")
+    flows(other_node, [("on node-2 every pod is local", "203.0.113.9", "192.168.5.241", 80,
+                        "10.244.0.2:8080, 10.244.0.3:8080, 10.244.0.4:8080", False)], node_ips=["192.168.5.12"])
+
+
+def test_render_manifests_errors_name_the_service_and_field(tmp_path):
+    from kproxy.alloc import AllocationError
+    from kproxy.render import render_manifests
+
+    path = tmp_path / "two.yaml"
+    path.write_text(MANIFESTS + """---
+apiVersion: v1
+kind: Service
+metadata: {name: clash}
+spec: {clusterIP: 10.96.0.50, ports: [{port: 1}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: np}
+spec: {type: NodePort, ports: [{port: 1, nodePort: 3001}]}
+""")
+    with pytest.raises(AllocationError) as exc:
+        render_manifests(str(path))
+    assert (exc.value.owner, exc.value.field) == ("default/clash", "spec.clusterIP")
+    path.write_text(MANIFESTS.replace("clusterIP: 10.96.0.50, ", "") + """---
+apiVersion: v1
+kind: Service
+metadata: {name: np}
+spec: {type: NodePort, ports: [{port: 1, nodePort: 3001}]}
+""")
+    with pytest.raises(AllocationError) as exc:
+        render_manifests(str(path))
+    assert (exc.value.owner, exc.value.field) == ("default/np", "spec.ports[0].nodePort")
+    assert "30000-32767" in str(exc.value)
+    with pytest.raises(ValueError, match="backend"):
+        path.write_text(MANIFESTS)
+        render_manifests(str(path), backend="no-such-backend")
+
+
+def test_render_manifests_later_objects_replace_earlier_ones(tmp_path):
+    """Applying two folders with the same names (seed README 2.4): last apply wins, and
+    the ClusterIP stays the one first allocated."""
+    from kproxy.render import resolve_manifests
+
+    (tmp_path / "a.yaml").write_text(_one_port_service(8080))
+    (tmp_path / "b.yaml").write_text(_one_port_service(80))
+    resolved = resolve_manifests([str(tmp_path / "a.yaml"), str(tmp_path / "b.yaml")])
+    (svc,) = resolved.services
+    assert svc.ports[0].port == 80 and svc.cluster_ip == "10.96.0.2"
+
+
+def _one_port_service(port: int) -> str:
+    return f"""apiVersion: v1
+kind: Service
+metadata: {{name: wordpress}}
+spec: {{type: LoadBalancer, selector: {{app: wordpress}}, ports: [{{port: {port}, targetPort: 80}}]}}
+"""
