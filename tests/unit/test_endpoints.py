@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kproxy.model import endpoint_slices_for, find_port, load, loads
+from kproxy.model import endpoint_slices_for, find_port, loads
 from kproxy.proxy.endpoints import categorize_endpoints
 from kproxy.proxy.types import (EndpointInfo, ServicePortInfo, ServicePortName, endpoints_map,
                                 service_port_infos)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import re
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Set
+from typing import List, Optional, Set
 
 _TABLE = re.compile(r"^\*(.*)$")
 _CHAIN = re.compile(r"^:([^ ]*) (\S+) \[([0-9]*):([0-9]*)\]$")
