@@ -126,8 +126,8 @@ class ClusterConfig:
         if self.first_node_host <= self.external_host <= last or not 1 <= self.external_host <= hosts:
             raise ConfigError(f"external client host number {self.external_host} collides with a node or is outside {node_net}")
         if "lb_pool" in nets:
-            ips = {ipaddress.ip_address(self.node_ip(i)) for i in range(len(self.nodes))}
-            ips.add(ipaddress.ip_address(self.external_ip()))
+            ips = [ipaddress.ip_address(self.node_ip(i)) for i in range(len(self.nodes))]
+            ips.append(ipaddress.ip_address(self.external_ip()))
             for ip in ips:
                 if ip in nets["lb_pool"]:
                     raise ConfigError(f"load-balancer pool {nets['lb_pool']} contains node or client address {ip}")
