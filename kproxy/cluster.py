@@ -54,6 +54,8 @@ class Pod:
     ip: str
     container_id: str
     labels: dict = field(default_factory=dict)
+    # what the kubelet knows: managed (made from the store), phase, ready, containers...
+    status: dict = field(default_factory=dict)
 
     @property
     def key(self) -> str:
@@ -74,6 +76,7 @@ class Cluster:
         self.pods = pods
         self.dir = state.cluster_dir(config.name)
         self.journal = state.Journal(self.dir)
+        self.proxy_state: dict = {}      # the proxier's memory between syncs (see kproxy.reconcile)
 
     # ---- names ------------------------------------------------------------------------
     @property
@@ -107,6 +110,7 @@ class Cluster:
             "config": self.config.to_dict(),
             "nodes": [asdict(n) for n in self.nodes],
             "pods": {k: asdict(p) for k, p in sorted(self.pods.items())},
+            "proxy": self.proxy_state,
         })
 
     @classmethod
@@ -118,7 +122,9 @@ class Cluster:
         config = ClusterConfig.from_dict(data["config"])
         nodes = [Node(**n) for n in data["nodes"]]
         pods = {k: Pod(**p) for k, p in data["pods"].items()}
-        return cls(config, nodes, pods)
+        cluster = cls(config, nodes, pods)
+        cluster.proxy_state = data.get("proxy", {})
+        return cluster
 
     @staticmethod
     def exists(name: str) -> bool:

@@ -1,0 +1,52 @@
+"""Programming kube-proxy's iptables rules inside a node's namespace.
+
+One `iptables-restore --noflush --counters` per sync, with both tables, as upstream
+does: chains that are declared are created or flushed, others are left alone.  The
+jump rules from the built-in chains are checked with `-C` and inserted with `-I`,
+on full syncs only.
+"""
+from __future__ import annotations
+
+import subprocess
+from typing import Iterable
+
+from kproxy.errors import KernelError
+from kproxy.kernel import process
+
+
+def _run(ns: str, argv: list, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(process.exec_argv(ns, argv), input=stdin, capture_output=True, text=True)
+
+
+def restore(ns: str, payload: str) -> None:
+    res = _run(ns, ["iptables-restore", "-w", "5", "--noflush", "--counters"], stdin=payload)
+    if res.returncode != 0:
+        raise KernelError(f"iptables-restore in {ns} failed: {res.stderr.strip()}")
+
+
+def ensure_jumps(ns: str, rules: Iterable) -> int:
+    """Make sure each jump rule exists (prepending missing ones); returns how many were added."""
+    added = 0
+    for rule in rules:
+        if _run(ns, ["iptables", "-w", "5", *rule.check_argv()]).returncode == 0:
+            continue
+        _run(ns, ["iptables", "-w", "5", "-t", rule.table, "-N", rule.target])   # exists already: fine
+        res = _run(ns, ["iptables", "-w", "5", *rule.insert_argv()])
+        if res.returncode != 0:
+            raise KernelError(f"iptables {' '.join(rule.insert_argv())} in {ns}: {res.stderr.strip()}")
+        added += 1
+    return added
+
+
+def save(ns: str, table: str | None = None) -> str:
+    argv = ["iptables-save"] + (["-t", table] if table else [])
+    res = _run(ns, argv)
+    if res.returncode != 0:
+        raise KernelError(f"iptables-save in {ns} failed: {res.stderr.strip()}")
+    return res.stdout
+
+
+def flush_udp_conntrack(ns: str, service_ip: str, port: int, endpoint_ip: str) -> None:
+    """Forget UDP flows from a Service to an endpoint that went away (as kube-proxy does)."""
+    _run(ns, ["conntrack", "-D", "-p", "udp", "--orig-dst", service_ip, "--orig-port-dst", str(port),
+              "--reply-src", endpoint_ip])

@@ -1,0 +1,224 @@
+"""The desired state: objects applied with `kproxy apply`, in SQLite, with their allocations.
+
+One row per object (kind, namespace, name) holding the manifest as applied, and one
+row holding the allocators' state (ClusterIPs, NodePorts, LoadBalancer IPs).  An
+apply is one IMMEDIATE transaction: every object of the apply lands, with its
+allocations, or none does; two applies at once are serialised by SQLite's lock.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import sqlite3
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Tuple
+
+from kproxy.alloc import Allocators, AllocationError
+from kproxy.errors import KproxyError
+from kproxy.model import LoadedObject, loads
+from kproxy.model import objects as o
+
+Key = Tuple[str, str, str]          # (kind, namespace or "", name)
+BUILTIN_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
+ORDER = {"Namespace": 0, "EndpointSlice": 1, "Endpoints": 1, "Service": 2, "Deployment": 3, "Pod": 4}
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS objects (
+    kind TEXT NOT NULL, namespace TEXT NOT NULL, name TEXT NOT NULL,
+    manifest TEXT NOT NULL, allocated TEXT NOT NULL DEFAULT '{}', source TEXT NOT NULL DEFAULT '',
+    generation INTEGER NOT NULL DEFAULT 1,
+    PRIMARY KEY (kind, namespace, name));
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+class ApplyError(KproxyError):
+    pass
+
+
+@dataclass
+class ApplyResult:
+    created: List[str] = field(default_factory=list)
+    configured: List[str] = field(default_factory=list)
+    unchanged: List[str] = field(default_factory=list)
+    not_emulated: List[str] = field(default_factory=list)
+    warnings: List[str] = field(default_factory=list)
+
+    def lines(self) -> List[str]:
+        out = [f"{r} created" for r in self.created] + [f"{r} configured" for r in self.configured]
+        out += [f"{r} unchanged" for r in self.unchanged]
+        out += [f"{r} accepted, not emulated (kproxy emulates the service network only)" for r in self.not_emulated]
+        return out + [f"Warning: {w}" for w in self.warnings]
+
+
+def _ref(kind: str, ns: str, name: str) -> str:
+    return f"{kind.lower()}/{name}" if not ns or ns == "default" else f"{kind.lower()}/{name} -n {ns}"
+
+
+class Store:
+    def __init__(self, path: str, service_cidr: str, node_port_range: str, lb_pool: Optional[str]):
+        self.path = path
+        self._alloc_args = (service_cidr, node_port_range, lb_pool)
+        self.db = sqlite3.connect(path, timeout=30, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    # ---- allocators --------------------------------------------------------------------
+    def _allocators(self) -> Allocators:
+        row = self.db.execute("SELECT value FROM meta WHERE key='allocators'").fetchone()
+        return Allocators.from_json(row[0]) if row else Allocators(*self._alloc_args)
+
+    def _allocate(self, svc: o.Service, alloc: Allocators, previous: dict, where: str) -> dict:
+        """Fill in the Service's ClusterIP, NodePorts and LB IP; keep what it had before."""
+        owner = svc.namespaced_name
+        alloc.release(owner)
+        if svc.type == "ExternalName":
+            return {}
+        got: dict = {}
+        try:
+            if not svc.headless:
+                svc.cluster_ip = alloc.cluster_ips.allocate(owner, svc.cluster_ip or previous.get("clusterIP", ""))
+                svc.cluster_ips = [svc.cluster_ip]
+                got["clusterIP"] = svc.cluster_ip
+            if svc.type in ("NodePort", "LoadBalancer"):
+                prev_ports = previous.get("nodePorts", {})
+                got["nodePorts"] = {}
+                for i, port in enumerate(svc.ports):
+                    if svc.type == "NodePort" or svc.allocate_load_balancer_node_ports or port.node_port:
+                        key = f"{port.name}/{port.protocol}/{port.port}"
+                        want = port.node_port or prev_ports.get(key, 0)
+                        port.node_port = alloc.node_ports.allocate(owner, want, f"spec.ports[{i}].nodePort")
+                        got["nodePorts"][key] = port.node_port
+            if svc.type == "LoadBalancer" and svc.external_traffic_policy == "Local":
+                svc.health_check_node_port = alloc.node_ports.allocate(
+                    owner, svc.health_check_node_port or previous.get("healthCheckNodePort", 0),
+                    "spec.healthCheckNodePort")
+                got["healthCheckNodePort"] = svc.health_check_node_port
+            if svc.type == "LoadBalancer" and alloc.load_balancers is not None and not svc.load_balancer_ingress:
+                ip = alloc.load_balancers.allocate(owner, svc.load_balancer_ip or previous.get("loadBalancerIP", ""))
+                svc.load_balancer_ingress = [o.LoadBalancerIngress(ip=ip, ip_mode="VIP")]
+                got["loadBalancerIP"] = ip
+        except AllocationError as e:
+            raise ApplyError(f"{where}: Service {owner}: {e}") from None
+        for i, port in enumerate(svc.ports):
+            if port.node_port and svc.type not in ("NodePort", "LoadBalancer"):
+                raise ApplyError(f"{where}: Service {owner}: spec.ports[{i}].nodePort: Forbidden: "
+                                 f"may not be used when `type` is '{svc.type}'")
+        return got
+
+    # ---- apply / delete ------------------------------------------------------------------
+    def apply(self, loaded: List[LoadedObject]) -> ApplyResult:
+        """Create or update every object, all or nothing (kubectl apply semantics)."""
+        result = ApplyResult(warnings=[w for lo in loaded if lo.emulated for w in lo.warnings])
+        latest: Dict[Key, LoadedObject] = {}
+        for lo in loaded:
+            if not lo.emulated:
+                result.not_emulated.append(_ref(lo.kind, lo.namespace or "", lo.name))
+                continue
+            latest[(lo.kind, lo.namespace or "", lo.name)] = lo
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            alloc = self._allocators()
+            namespaces = set(BUILTIN_NAMESPACES) | {
+                r[0] for r in db.execute("SELECT name FROM objects WHERE kind='Namespace'")}
+            namespaces |= {k[2] for k in latest if k[0] == "Namespace"}
+            for key, lo in sorted(latest.items(), key=lambda kv: ORDER.get(kv[0][0], 9)):
+                kind, ns, name = key
+                where = f"{lo.source}: document {lo.doc_index}"
+                if kind != "Namespace" and ns and ns not in namespaces:
+                    raise ApplyError(f'{where}: {kind} {ns}/{name}: namespaces "{ns}" not found '
+                                     f"(apply the Namespace first, or in the same apply)")
+                row = db.execute("SELECT manifest, allocated FROM objects WHERE kind=? AND namespace=? AND name=?",
+                                 key).fetchone()
+                obj = copy.deepcopy(lo.obj)
+                allocated = {}
+                if isinstance(obj, o.Service):
+                    allocated = self._allocate(obj, alloc, json.loads(row[1]) if row else {}, where)
+                manifest = json.dumps(lo.obj.raw, sort_keys=True)
+                alloc_text = json.dumps(allocated, sort_keys=True)
+                ref = _ref(kind, ns, name)
+                if row is None:
+                    db.execute("INSERT INTO objects (kind, namespace, name, manifest, allocated, source) "
+                               "VALUES (?,?,?,?,?,?)", (kind, ns, name, manifest, alloc_text, lo.source))
+                    result.created.append(ref)
+                elif row[0] != manifest or row[1] != alloc_text:
+                    db.execute("UPDATE objects SET manifest=?, allocated=?, source=?, generation=generation+1 "
+                               "WHERE kind=? AND namespace=? AND name=?",
+                               (manifest, alloc_text, lo.source, kind, ns, name))
+                    result.configured.append(ref)
+                else:
+                    result.unchanged.append(ref)
+            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('allocators', ?)", (alloc.to_json(),))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return result
+
+    def delete(self, loaded: List[LoadedObject]) -> List[str]:
+        """Delete the objects these manifests name (kubectl delete -f); a Namespace takes its objects."""
+        gone = []
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            alloc = self._allocators()
+            for lo in loaded:
+                if not lo.emulated:
+                    continue
+                key = (lo.kind, lo.namespace or "", lo.name)
+                victims = [key]
+                if lo.kind == "Namespace":
+                    victims += [tuple(r) for r in db.execute(
+                        "SELECT kind, namespace, name FROM objects WHERE namespace=?", (lo.name,))]
+                for kind, ns, name in victims:
+                    cur = db.execute("DELETE FROM objects WHERE kind=? AND namespace=? AND name=?", (kind, ns, name))
+                    if cur.rowcount:
+                        gone.append(f'{kind.lower()} "{name}" deleted')
+                        if kind == "Service":
+                            alloc.release(f"{ns}/{name}")
+            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('allocators', ?)", (alloc.to_json(),))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return gone
+
+    # ---- reading -------------------------------------------------------------------------
+    def objects(self) -> Dict[str, list]:
+        """Every stored object as model dataclasses, by kind, allocations filled in."""
+        rows = self.db.execute("SELECT kind, namespace, name, manifest, allocated FROM objects "
+                               "ORDER BY kind, namespace, name").fetchall()
+        out: Dict[str, list] = {}
+        if not rows:
+            return out
+        doc = {"apiVersion": "v1", "kind": "List", "items": [json.loads(r[3]) for r in rows]}
+        parsed = loads(json.dumps(doc), source="store", strict=False, validate=False)
+        for lo, row in zip(parsed, rows):
+            obj = lo.obj
+            if isinstance(obj, o.Service):
+                _fill_allocations(obj, json.loads(row[4]))
+            out.setdefault(lo.kind, []).append(obj)
+        return out
+
+    def generation(self) -> int:
+        row = self.db.execute("SELECT COALESCE(SUM(generation), 0) + COUNT(*) FROM objects").fetchone()
+        return int(row[0])
+
+
+def _fill_allocations(svc: o.Service, allocated: dict) -> None:
+    if "clusterIP" in allocated:
+        svc.cluster_ip = allocated["clusterIP"]
+        svc.cluster_ips = [svc.cluster_ip]
+    ports = allocated.get("nodePorts", {})
+    for port in svc.ports:
+        key = f"{port.name}/{port.protocol}/{port.port}"
+        if key in ports:
+            port.node_port = ports[key]
+    if "healthCheckNodePort" in allocated:
+        svc.health_check_node_port = allocated["healthCheckNodePort"]
+    if "loadBalancerIP" in allocated:
+        svc.load_balancer_ingress = [o.LoadBalancerIngress(ip=allocated["loadBalancerIP"], ip_mode="VIP")]
