@@ -167,6 +167,13 @@ def _print_nodes(cluster, wide: bool = False, output: Optional[str] = None) -> N
     click.echo(_table(rows))
 
 
+def _pod_row(p) -> dict:
+    st = p.status
+    return {"name": p.name, "namespace": p.namespace, "ip": p.ip, "node": p.node,
+            "ready": st.get("ready_count", "0/0"), "status": st.get("reason", "Running"),
+            "restarts": st.get("restarts", 0), "netns": p.netns}
+
+
 def _print_pods(cluster, namespace: Optional[str], wide: bool, output: Optional[str]) -> None:
     pods = [p for p in cluster.pods.values() if namespace is None or p.namespace == namespace]
     pods.sort(key=lambda p: (p.namespace, p.name))
@@ -175,7 +182,8 @@ def _print_pods(cluster, namespace: Optional[str], wide: bool, output: Optional[
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": p.name, "namespace": p.namespace, "labels": p.labels},
             "spec": {"nodeName": p.node},
-            "status": {"phase": "Running", "podIP": p.ip, "podIPs": [{"ip": p.ip}]},
+            "status": {"phase": p.status.get("phase", "Running"), "podIP": p.ip, "podIPs": [{"ip": p.ip}],
+                       "conditions": [{"type": "Ready", "status": str(bool(p.status.get("ready", True)))}]},
             "kproxy": {"netns": p.netns, "containerID": p.container_id},
         } for p in pods]
         click.echo(json.dumps({"apiVersion": "v1", "kind": "List", "items": items}, indent=2))
@@ -184,14 +192,15 @@ def _print_pods(cluster, namespace: Optional[str], wide: bool, output: Optional[
         where = "any namespace" if namespace is None else f"{namespace} namespace"
         click.echo(f"No resources found in {where}.")
         return
-    head = (["NAMESPACE"] if namespace is None else []) + ["NAME", "STATUS", "IP", "NODE"]
+    head = (["NAMESPACE"] if namespace is None else []) + ["NAME", "READY", "STATUS", "RESTARTS"]
     if wide:
-        head += ["NETNS"]
+        head += ["IP", "NODE", "NETNS"]
     rows = [head]
     for p in pods:
-        row = ([p.namespace] if namespace is None else []) + [p.name, "Running", p.ip, p.node]
+        r = _pod_row(p)
+        row = ([p.namespace] if namespace is None else []) + [r["name"], r["ready"], r["status"], str(r["restarts"])]
         if wide:
-            row += [p.netns]
+            row += [r["ip"], r["node"], r["netns"]]
         rows.append(row)
     click.echo(_table(rows))
 
@@ -248,19 +257,6 @@ def run(ctx, name, node, namespace, labels, command):
         click.echo(f"started {' '.join(command)!r} as PID {proc.pid}")
 
 
-@main.command(name="delete")
-@click.argument("kind", type=click.Choice(["pod", "pods", "po"]))
-@click.argument("names", nargs=-1, required=True)
-@click.option("-n", "--namespace", default="default", show_default=True)
-@click.pass_context
-def delete(ctx, kind, names, namespace):
-    """Delete pods by name."""
-    cluster = _open(ctx)
-    for name in names:
-        cluster.delete_pod(name, namespace)
-        click.echo(f'pod "{name}" deleted')
-
-
 @main.command(name="exec", context_settings={"ignore_unknown_options": True})
 @click.argument("pod")
 @click.option("-n", "--namespace", default="default", show_default=True)
@@ -281,6 +277,70 @@ def exec_(ctx, pod, namespace, command):
     else:
         res = cluster.exec(cluster.pod(pod, namespace), list(command))
     sys.exit(res.returncode)
+
+
+def _load_manifests(files, validate: bool):
+    from kproxy.model import load
+    return load(list(files), strict=validate, stdin=sys.stdin if "-" in files else None)
+
+
+@main.command()
+@click.option("-f", "--filename", "files", multiple=True, required=True,
+              help="A manifest file, a directory (read in lexical order) or - for stdin; repeatable.")
+@click.option("--validate/--no-validate", default=True, show_default=True,
+              help="Strict field validation as kubectl's default (--no-validate drops unknown fields).")
+@click.pass_context
+def apply(ctx, files, validate):
+    """Create or update objects from manifests, then converge the cluster.
+
+    All or nothing: one invalid object and nothing changes; the error names the file,
+    the document, the object and the field.
+
+    Example: kproxy apply -f sesiones/Sesion4-Kubernetes/Stateful-app
+    """
+    from kproxy.reconcile import converge, open_store
+    cluster = _open(ctx)
+    loaded = _load_manifests(files, validate)
+    store = open_store(cluster)
+    try:
+        result = store.apply(loaded)
+        for line in result.lines():
+            click.echo(line)
+        report = converge(cluster, store)
+    finally:
+        store.close()
+    for key in report.not_ready:
+        pod = cluster.pods[key]
+        click.echo(f"pod/{pod.name} is not ready: {pod.status.get('reason')}", err=True)
+
+
+@main.command(name="delete")
+@click.argument("kind", required=False, type=click.Choice(["pod", "pods", "po"]))
+@click.argument("names", nargs=-1)
+@click.option("-f", "--filename", "files", multiple=True, help="Delete the objects these manifests name.")
+@click.option("-n", "--namespace", default="default", show_default=True)
+@click.pass_context
+def delete(ctx, kind, names, files, namespace):
+    """Delete objects named in manifests (-f), or pods made with `kproxy run` by name.
+
+    Example: kproxy delete -f sesiones/Sesion4-Kubernetes/Stateful-app
+    """
+    cluster = _open(ctx)
+    if files:
+        from kproxy.reconcile import converge, open_store
+        store = open_store(cluster)
+        try:
+            for line in store.delete(_load_manifests(files, validate=False)):
+                click.echo(line)
+            converge(cluster, store)
+        finally:
+            store.close()
+        return
+    if not kind or not names:
+        raise click.UsageError("give -f FILE, or `pod NAME...`")
+    for name in names:
+        cluster.delete_pod(name, namespace)
+        click.echo(f'pod "{name}" deleted')
 
 
 @main.command()

@@ -188,6 +188,11 @@ class Cluster:
                 links.add_veth(s, "eth0", port, self.underlay_ns)
                 links.add_address(s, "eth0", f"{node.ip}/{plen}")
                 links.set_up(s, "eth0")
+                # Real nodes reach the service CIDR through their default route: a packet to a
+                # ClusterIP must find a route before kube-proxy's FORWARD/OUTPUT rules see it
+                # (REJECT for a Service without endpoints, DNAT in OUTPUT for the node's own
+                # traffic).  Here that route stays on the underlay; there is no default route.
+                links.add_route(s, cfg.service_cidr, dev="eth0")
                 links.add_bridge(s, POD_BRIDGE, mtu=cfg.pod_mtu())
                 links.add_address(s, POD_BRIDGE, f"{node.gateway}/{ipaddress.ip_network(node.pod_cidr).prefixlen}")
             links.write_sysctl(node.netns, "net.ipv4.ip_forward", "1")

@@ -152,7 +152,7 @@ def model_pod(pod: Pod, spec: o.Pod) -> o.Pod:
 
 def sync_node_rules(cluster: Cluster, node, services, slices, full: bool) -> None:
     settings = NodeSettings(node_name=node.name, node_ips=[node.ip], cluster_cidr=cluster.config.pod_cidr)
-    payload = render(services, slices, settings)
+    payload = render(services, slices, settings, existing_chains=iptables.service_chains(node.netns))
     iptables.restore(node.netns, payload)
     if full:
         links.write_sysctl(node.netns, "net.ipv4.conf.all.route_localnet", "1")

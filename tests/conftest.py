@@ -71,8 +71,9 @@ def kproxy_cli(*args, env=None, check=False, **kwargs) -> subprocess.CompletedPr
     """Run the CLI as a user would (python -m kproxy), capturing text output."""
     full_env = dict(os.environ)
     full_env.update(env or {})
+    kwargs.setdefault("cwd", REPO)
     res = subprocess.run([sys.executable, "-m", "kproxy", *args], capture_output=True, text=True,
-                         env=full_env, cwd=REPO, **kwargs)
+                         env=full_env, **kwargs)
     if check and res.returncode != 0:
         raise AssertionError(f"kproxy {' '.join(args)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
     return res

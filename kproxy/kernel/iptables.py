@@ -7,6 +7,7 @@ on full syncs only.
 """
 from __future__ import annotations
 
+import re
 import subprocess
 from typing import Iterable
 
@@ -44,6 +45,14 @@ def save(ns: str, table: str | None = None) -> str:
     if res.returncode != 0:
         raise KernelError(f"iptables-save in {ns} failed: {res.stderr.strip()}")
     return res.stdout
+
+
+_SERVICE_CHAIN = re.compile(r"^:(KUBE-(?:SVC|SVL|EXT|FW|SEP)-\S+) ")
+
+
+def service_chains(ns: str) -> set:
+    """kube-proxy's per-service nat chains present now (to delete the stale ones, as upstream)."""
+    return {m.group(1) for line in save(ns, "nat").splitlines() if (m := _SERVICE_CHAIN.match(line))}
 
 
 def flush_udp_conntrack(ns: str, service_ip: str, port: int, endpoint_ip: str) -> None:
