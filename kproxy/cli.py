@@ -351,5 +351,57 @@ def demo(ctx):
     sys.exit(run_demo(echo=click.echo))
 
 
+# ---- render (no cluster, no root) ----------------------------------------------------------
+# Defaults are kproxy.render's and kproxy.alloc's (tests/unit/test_render_cli.py checks they
+# agree); they are written out so that `kproxy --help` does not import the renderer.
+
+@main.command()
+@click.option("--backend", default="iptables", show_default=True,
+              help="Proxier whose rules to print (iptables is built in).")
+@click.option("-f", "--filename", "files", multiple=True, required=True,
+              help="A manifest file, a directory (its *.yaml/*.yml/*.json in lexical order) "
+                   "or - for stdin; repeatable.")
+@click.option("--node-name", default="node-1", show_default=True,
+              help="The node the rules are for; Pods without spec.nodeName run on it.")
+@click.option("--node-ip", default="192.168.5.11", show_default=True, help="That node's address.")
+@click.option("--cluster-cidr", default="10.244.0.0/16", show_default=True,
+              help="Pod network; each node gets the next /24, Pods get .2 upwards.")
+@click.option("--service-cidr", default="10.96.0.0/12", show_default=True,
+              help="Where ClusterIPs come from (.1 and .10 are kept, as kubeadm does).")
+@click.option("--node-port-range", default="30000-32767", show_default=True)
+@click.option("--lb-pool", "lb_pools", multiple=True,
+              help="LoadBalancer addresses: a CIDR, a-b range or comma list; repeatable. "
+                   "Without one, LoadBalancer Services stay <pending>.")
+@click.option("--validate/--no-validate", default=True, show_default=True,
+              help="Strict field validation, as kubectl's default (--no-validate drops unknown fields).")
+def render(backend, files, node_name, node_ip, cluster_cidr, service_cidr, node_port_range,
+           lb_pools, validate):
+    """Print the rules kube-proxy would write on one node for these manifests.
+
+    No cluster and no root needed: Services get ClusterIPs, NodePorts and LB IPs as the
+    control plane would hand them out, and every selected Pod counts as a ready
+    endpoint. Prints an iptables-restore payload (*filter and *nat tables).
+
+    \b
+    Example:
+      kproxy render -f sesiones/Sesion4-Kubernetes/Stateful-app \\
+          --node-name node1 --node-ip 192.168.5.11 --lb-pool 192.168.5.240/28
+    """
+    import ipaddress
+    from kproxy.alloc import AllocationError
+    from kproxy.model import ManifestError
+    from kproxy.render import render_manifests
+    try:
+        ipaddress.ip_address(node_ip)
+        payload = render_manifests(list(files), backend=backend, node_name=node_name, node_ip=node_ip,
+                                   cluster_cidr=cluster_cidr, service_cidr=service_cidr,
+                                   node_port_range=node_port_range,
+                                   lb_pool=",".join(lb_pools) or None, strict=validate)
+    except (ManifestError, AllocationError, ValueError) as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)
+    click.echo(payload, nl=not payload.endswith("\n"))
+
+
 if __name__ == "__main__":
     main()
