@@ -1,13 +1,17 @@
-"""The CNI contract (cni.skel), result conversion and invoke's error handling; no root."""
+"""The CNI contract (cni.skel), result conversion, invoke's error handling and the bytes
+of cni.fastnl's rtnetlink messages; no root."""
 from __future__ import annotations
 
+import errno
+import ipaddress
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 
-from cni import invoke, skel
+from cni import fastnl, invoke, skel
 from cni import result as cniresult
 from cni.bridge import host_veth_name, load_conf
 from cni.skel import CNIError
@@ -224,3 +228,149 @@ def test_bridge_conf_defaults_and_errors():
     assert e.value.code == 7
     with pytest.raises(CNIError):
         load_conf({"name": "n", "bridge": "x" * 16})
+
+
+# -- cni.fastnl: rtnetlink messages as bytes (no socket, no root) -------------------------
+
+little_endian = pytest.mark.skipif(sys.byteorder != "little", reason="expected bytes are written little-endian")
+
+
+def test_attribute_padding_is_not_counted_in_its_length():
+    assert fastnl.attr_str(fastnl.IFLA_IFNAME, "eth0") == bytes.fromhex("0900 0300") + b"eth0\0" + b"\0\0\0"
+    assert fastnl.attr(7, b"") == bytes.fromhex("0400 0700")
+    assert fastnl.attr(7, b"abcd") == bytes.fromhex("0800 0700") + b"abcd"
+    for n in range(9):
+        a = fastnl.attr(1, b"x" * n)
+        assert len(a) % 4 == 0 and int.from_bytes(a[:2], sys.byteorder) == 4 + n
+
+
+@little_endian
+def test_a_getlink_request_byte_for_byte():
+    body = fastnl.link_request(name="eth0")
+    msg = fastnl.nlmsg(fastnl.RTM_GETLINK, fastnl.NLM_F_REQUEST | fastnl.NLM_F_ACK, 7, body)
+    assert msg.hex() == (
+        "2c000000" "1200" "0500" "07000000" "00000000"              # nlmsghdr: len 44, RTM_GETLINK, REQUEST|ACK, seq 7
+        "00" "00" "0000" "00000000" "00000000" "00000000"          # ifinfomsg: any family, by name
+        "0900" "0300" "6574683000" "000000")                       # IFLA_IFNAME "eth0\0" + 3 bytes of padding
+
+
+@little_endian
+def test_nested_attributes_of_a_veth_pair():
+    body = fastnl.veth_request("veth1234", "eth0", 9, mtu=1400, master=3, up=True)
+    peer = (fastnl.ifinfomsg() + fastnl.attr_str(fastnl.IFLA_IFNAME, "eth0")
+            + fastnl.attr_u32(fastnl.IFLA_MTU, 1400) + fastnl.attr_u32(fastnl.IFLA_NET_NS_FD, 9))
+    assert len(peer) == 16 + 12 + 8 + 8
+    linkinfo = (bytes.fromhex("0900 0100") + b"veth\0\0\0\0"                    # IFLA_INFO_KIND "veth"
+                + (4 + 4 + len(peer)).to_bytes(2, "little") + bytes.fromhex("0200")  # IFLA_INFO_DATA
+                + (4 + len(peer)).to_bytes(2, "little") + bytes.fromhex("0100")      # VETH_INFO_PEER
+                + peer)
+    assert body == (
+        bytes.fromhex("00 00 0000 00000000 01000000 01000000")    # ifinfomsg: up (flags, change)
+        + bytes.fromhex("0d00 0300") + b"veth1234\0\0\0\0"        # IFLA_IFNAME, 13 + 3 padding
+        + bytes.fromhex("0800 0400 78050000")                     # IFLA_MTU 1400
+        + bytes.fromhex("0800 0a00 03000000")                     # IFLA_MASTER 3
+        + (4 + len(linkinfo)).to_bytes(2, "little") + bytes.fromhex("1200") + linkinfo)
+    # and the parser reads back what was packed, level by level
+    top = fastnl.parse_attrs(body, fastnl.IFINFOMSG.size)
+    assert top[fastnl.IFLA_IFNAME] == b"veth1234\0"
+    info = fastnl.parse_attrs(top[fastnl.IFLA_LINKINFO])
+    assert info[fastnl.IFLA_INFO_KIND] == b"veth\0"
+    data = fastnl.parse_attrs(info[fastnl.IFLA_INFO_DATA])
+    peer_attrs = fastnl.parse_attrs(data[fastnl.VETH_INFO_PEER], fastnl.IFINFOMSG.size)
+    assert peer_attrs == {fastnl.IFLA_IFNAME: b"eth0\0", fastnl.IFLA_MTU: (1400).to_bytes(4, "little"),
+                          fastnl.IFLA_NET_NS_FD: (9).to_bytes(4, "little")}
+
+
+@little_endian
+def test_hairpin_is_a_flagged_nest_for_the_bridge_family():
+    body = fastnl.hairpin_request(5, True)
+    assert body == (bytes.fromhex("07 00 0000 05000000 00000000 00000000")   # AF_BRIDGE, index 5
+                    + bytes.fromhex("0c00 0c80")                             # IFLA_PROTINFO | NLA_F_NESTED
+                    + bytes.fromhex("0500 0400 01000000"))                   # IFLA_BRPORT_MODE 1, padded
+
+
+@little_endian
+def test_address_and_route_requests():
+    v4 = fastnl.address_request(4, ipaddress.ip_interface("10.77.0.2/24"))
+    assert v4 == (bytes.fromhex("02 18 00 00 04000000")                     # AF_INET /24 on index 4
+                  + bytes.fromhex("0800 0200 0a4d0002")                     # IFA_LOCAL
+                  + bytes.fromhex("0800 0100 0a4d0002")                     # IFA_ADDRESS
+                  + bytes.fromhex("0800 0400 0a4d00ff"))                    # IFA_BROADCAST
+    assert fastnl.IFA_BROADCAST not in fastnl.parse_attrs(
+        fastnl.address_request(4, ipaddress.ip_interface("10.77.0.2/31")), fastnl.IFADDRMSG.size)
+    v6 = fastnl.address_request(4, ipaddress.ip_interface("fd77::2/120"))
+    assert v6[:8] == bytes.fromhex("0a 78 00 00 04000000") and len(v6) == 8 + 2 * 20
+    default = fastnl.route_request(ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_address("10.77.0.1"), 4)
+    assert default == (bytes.fromhex("02 00 00 00 fe 03 00 01 00000000")    # main table, boot, universe, unicast
+                       + bytes.fromhex("0800 0500 0a4d0001")                # RTA_GATEWAY (no RTA_DST for /0)
+                       + bytes.fromhex("0800 0400 04000000"))               # RTA_OIF
+    net = fastnl.route_request(ipaddress.ip_network("10.96.0.0/12"), None, 4)
+    assert net == bytes.fromhex("02 0c 00 00 fe 03 00 01 00000000 0800 0100 0a600000 0800 0400 04000000")
+
+
+def _link_reply(index: int, name: str, flags: int, kind: str, mac: str, **u32) -> bytes:
+    attrs = fastnl.attr_str(fastnl.IFLA_IFNAME, name) + fastnl.attr_mac(fastnl.IFLA_ADDRESS, mac)
+    attrs += fastnl.nest(fastnl.IFLA_LINKINFO, fastnl.attr_str(fastnl.IFLA_INFO_KIND, kind))
+    for key, value in u32.items():
+        attrs += fastnl.attr_u32(getattr(fastnl, key), value)
+    return fastnl.ifinfomsg(index=index, flags=flags) + attrs
+
+
+def test_parse_link():
+    body = _link_reply(7, "veth0", fastnl.IFF_UP, "veth", "0a:1b:2c:3d:4e:5f", IFLA_MTU=1450, IFLA_MASTER=3,
+                       IFLA_LINK=2)
+    assert fastnl.parse_link(body) == fastnl.Link(index=7, name="veth0", kind="veth", mac="0a:1b:2c:3d:4e:5f",
+                                                  mtu=1450, up=True, promisc=False, master=3, peer=2)
+
+
+class FakeKernel:
+    """Stands for the netlink socket: records what is sent, answers from a script."""
+
+    def __init__(self, answers):
+        self.sent: list[bytes] = []
+        self.answers = list(answers)
+
+    def sendto(self, data, addr):
+        self.sent.append(data)
+        return len(data)
+
+    def recv(self, size):
+        return self.answers.pop(0)
+
+    def close(self):
+        pass
+
+
+def _fake_socket(answers) -> fastnl.NetlinkSocket:
+    nl = fastnl.NetlinkSocket.__new__(fastnl.NetlinkSocket)
+    nl.sock, nl.seq, nl.requests = FakeKernel(answers), 0, 0
+    return nl
+
+
+def _error(seq: int, err: int, msg: str = "") -> bytes:
+    body = (-err).to_bytes(4, sys.byteorder, signed=True) + fastnl.NLMSGHDR.pack(16, 0, 0, seq, 0)
+    flags = fastnl.NLM_F_CAPPED
+    if msg:
+        body += fastnl.attr_str(fastnl.NLMSGERR_ATTR_MSG, msg)
+        flags |= fastnl.NLM_F_ACK_TLVS
+    return fastnl.nlmsg(fastnl.NLMSG_ERROR, flags, seq, body)
+
+
+def test_request_reads_answers_until_the_ack_and_skips_stale_ones():
+    reply = _link_reply(1, "lo", fastnl.IFF_UP, "", "00:00:00:00:00:00", IFLA_MTU=65536)
+    stale = fastnl.nlmsg(fastnl.RTM_NEWLINK, 0, 99, reply)  # left over from an interrupted request
+    nl = _fake_socket([stale + fastnl.nlmsg(fastnl.RTM_NEWLINK, 0, 1, reply), _error(1, 0)])
+    link = nl.get_link("lo")
+    assert (link.index, link.name, link.mtu, link.up) == (1, "lo", 65536, True)
+    assert nl.requests == 1 and len(nl.sock.sent) == 1
+    length, mtype, flags, seq, _pid = fastnl.NLMSGHDR.unpack_from(nl.sock.sent[0])
+    assert (length, mtype, flags, seq) == (len(nl.sock.sent[0]), fastnl.RTM_GETLINK, 5, 1)
+
+
+def test_kernel_errors_become_oserror_with_the_extended_ack():
+    nl = _fake_socket([_error(1, errno.EEXIST, "veth exists"), _error(2, errno.ENODEV), _error(3, errno.ENODEV)])
+    with pytest.raises(OSError) as e:
+        nl.add_veth("v", "eth0", 3)
+    assert e.value.errno == errno.EEXIST and e.value.strerror == "File exists (veth exists)"
+    assert nl.get_link("gone") is None   # ENODEV: no such link
+    assert nl.del_link("gone") is False
