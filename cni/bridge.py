@@ -13,6 +13,12 @@ The namespace the plugin runs in is the "host" (for kproxy, an emulated node).  
 
 Whatever this ADD made is undone if a later step fails.  DEL is idempotent.  CHECK
 compares the namespace with ``prevResult`` and asks IPAM to check its allocation.
+
+ADD and DEL talk netlink through `cni.fastnl` (CHECK reads through pyroute2).  In
+process, with a known host namespace, the host socket is kept per thread, and so is
+what step 1 and the gateway address of step 4 found: the next ADD there goes straight
+to step 2, naming the bridge by its index; should the bridge be gone or replaced
+meanwhile, that creation fails and the ADD does step 1 again, then goes on.
 ``ipMasq``, ``vlan`` and ``macspoofchk`` are refused with code 2 (unsupported field):
 in kproxy masquerading belongs to the proxier's rules.
 """
@@ -23,16 +29,18 @@ import hashlib
 import ipaddress
 import os
 import socket
-from dataclasses import dataclass
-from typing import Callable, Optional
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Optional
 
-from pyroute2.netlink.exceptions import NetlinkError
-
-from cni import invoke
+from cni import fastnl, invoke
+from cni import netns as nsutil
 from cni import result as cniresult
 from cni import skel
-from cni.links import Links, sysctl
+from cni.netns import sysctl
 from cni.skel import CmdArgs, CNIError
+
+if TYPE_CHECKING:  # CHECK reads through pyroute2, imported only when it runs
+    from cni.links import Links
 
 PLUGIN_NAME = "kproxy-bridge"
 DEFAULT_BRIDGE = "cni0"
@@ -122,69 +130,123 @@ def _internal(msg: str) -> CNIError:
     return CNIError(skel.ERR_INTERNAL, msg)
 
 
-def _open_container(path: str) -> Links:
+def _open_container(path: str) -> fastnl.NetlinkSocket:
     try:
-        return Links(path)
+        return fastnl.NetlinkSocket.in_namespace(path)
     except OSError as e:
         raise _internal(f'failed to open netns "{path}": {e.strerror or e}') from None
 
 
 # ADD ------------------------------------------------------------------------
+#
+# Netlink requests of an ADD whose bridge this process already verified in that host
+# namespace (IPv4, hairpin, one route): the veth pair (the host end created up and
+# enslaved, its peer made directly in the container), the container end up, both
+# ends read back (MAC, index), the hairpin flag, the address, the route, lo up, and
+# the bridge read back for its MAC: 9, on two sockets.
 
-def ensure_bridge(host: Links, conf: NetConf):
+@dataclass
+class KnownBridge:
+    """A bridge this process verified (or made) in a host namespace: the memo of
+    that namespace's `fastnl.HostSocket`, so the next ADD skips the checks."""
+    index: int
+    name: str
+    promisc: bool
+    gateways: set = field(default_factory=set)  # str(ip_interface) found or put on it
+
+
+# errno of a veth creation whose IFLA_MASTER names no bridge any more (deleted, replaced)
+_BRIDGE_GONE = (errno.ENODEV, errno.EINVAL, errno.ENOENT, errno.EOPNOTSUPP)
+
+
+def ensure_bridge(nl: fastnl.NetlinkSocket, conf: NetConf) -> fastnl.Link:
+    """The bridge made if missing, its kind checked, promiscuous if asked, up."""
     try:
-        br = host.get(conf.bridge)
+        br = nl.get_link(conf.bridge)
         if br is None:
-            host.add_bridge(conf.bridge, conf.mtu)
-            br = host.get(conf.bridge)
+            nl.add_bridge(conf.bridge, conf.mtu)
+            br = nl.get_link(conf.bridge)
             if br is None:
                 raise _internal(f"could not lookup {conf.bridge!r}")
             # a MAC of its own, set explicitly: the bridge id follows it and it does
             # not change to the lowest port MAC as ports come and go
-            host.set_mac(br.index, _random_mac())
+            nl.set_link(br.index, mac=_random_mac())
         if br.kind != "bridge":
             raise _internal(f"{conf.bridge!r} already exists but is not a bridge")
         if conf.promisc_mode and not br.promisc:
-            host.set_promisc(br.index)
+            nl.set_link(br.index, promisc=True)
         sysctl(f"net/ipv6/conf/{conf.bridge}/accept_ra", "0")  # we own this bridge's routes
         if not br.up:
-            host.set_up(br.index)
-    except NetlinkError as e:
+            nl.set_link(br.index, up=True)
+        br = nl.get_link(conf.bridge)
+    except OSError as e:
         raise _internal(f"failed to create bridge {conf.bridge!r}: {e}") from None
-    return host.get(conf.bridge)
+    if br is None:
+        raise _internal(f"could not lookup {conf.bridge!r}")
+    return br
 
 
-def _setup_veth(host: Links, cont: Links, args: CmdArgs, conf: NetConf, br_index: int,
-                undo: list[Callable[[], None]]):
+def _known_bridge(host: fastnl.HostSocket, conf: NetConf, recheck: bool = False) -> tuple[KnownBridge, bool]:
+    """The bridge, from the memo when this process already verified it there (True),
+    else after `ensure_bridge` (False)."""
+    key = ("bridge", conf.bridge)
+    known = host.memo.get(key)
+    if known is not None and not recheck and (known.promisc or not conf.promisc_mode):
+        return known, True
+    br = ensure_bridge(host.nl, conf)
+    known = host.memo[key] = KnownBridge(br.index, br.name, br.promisc)
+    return known, False
+
+
+def _make_veth(host: fastnl.NetlinkSocket, cont: fastnl.NetlinkSocket, host_name: str, args: CmdArgs,
+               conf: NetConf, master: int) -> None:
+    """One request: the container end made in its namespace, the host end up and on
+    the bridge.  A name already taken is reported as the reference does."""
+    fd = nsutil.open_fd(args.netns)
+    try:
+        host.add_veth(host_name, args.ifname, fd, mtu=conf.mtu, master=master, up=True)
+    except OSError as e:
+        if e.errno == errno.EEXIST:
+            if cont.get_link(args.ifname) is not None:
+                raise _internal(f"container veth name provided ({args.ifname}) already exists") from None
+            if host.get_link(host_name) is not None:
+                raise _internal(f"host veth name {host_name} (for {args.container_id}/{args.ifname}) "
+                                "already exists") from None
+        raise
+    finally:
+        os.close(fd)
+
+
+def _setup_veth(host: fastnl.HostSocket, cont: fastnl.NetlinkSocket, args: CmdArgs, conf: NetConf,
+                bridge: KnownBridge, from_memo: bool, undo: list[Callable[[], None]]):
     host_name = host_veth_name(args.container_id, args.ifname)
-    if cont.get(args.ifname) is not None:
-        raise _internal(f"container veth name provided ({args.ifname}) already exists")
-    if host.get(host_name) is not None:
-        raise _internal(f"host veth name {host_name} (for {args.container_id}/{args.ifname}) already exists")
+    nl = host.nl
     try:
-        host.add_veth(host_name, args.ifname, args.netns, conf.mtu)
-    except (NetlinkError, OSError) as e:
+        try:
+            _make_veth(nl, cont, host_name, args, conf, bridge.index)
+        except OSError as e:
+            if not (from_memo and e.errno in _BRIDGE_GONE):
+                raise
+            # the bridge this process knew is gone or replaced: the whole ensure again
+            bridge, _ = _known_bridge(host, conf, recheck=True)
+            _make_veth(nl, cont, host_name, args, conf, bridge.index)
+    except OSError as e:
         raise _internal(f"failed to make veth pair: {e}") from None
-    undo.append(lambda: host.delete(host_name))
+    undo.append(lambda: nl.del_link(host_name))
     try:
-        hveth = host.get(host_name)
-        cveth = cont.get(args.ifname)
+        cont.set_link(name=args.ifname, up=True)
+        hveth = nl.get_link(host_name)
+        cveth = cont.get_link(args.ifname)
         if hveth is None or cveth is None:
             raise _internal(f"veth pair {host_name}/{args.ifname} vanished after creation")
-        cont.set_up(cveth.index)
-        host.set_up(hveth.index)
-        try:
-            host.set_master(hveth.index, br_index)
-        except NetlinkError as e:
-            raise _internal(f"failed to connect {host_name!r} to bridge {conf.bridge}: {e}") from None
         if conf.hairpin_mode:
             try:
-                host.set_hairpin(hveth.index, True)
-            except NetlinkError as e:
+                nl.set_hairpin(hveth.index, True)
+            except OSError as e:
                 raise _internal(f"failed to setup hairpin mode for {host_name}: {e}") from None
-    except NetlinkError as e:
+    except OSError as e:
         raise _internal(f"failed to set up veth pair {host_name}/{args.ifname}: {e}") from None
-    return hveth, cont.get(args.ifname)
+    return bridge, hveth, cveth
 
 
 def _calc_gateways(res: dict, conf: NetConf) -> dict[int, list]:
@@ -209,49 +271,45 @@ def _calc_gateways(res: dict, conf: NetConf) -> dict[int, list]:
     return gws
 
 
-def _configure_container(cont: Links, ifname: str, res: dict) -> None:
-    """Addresses, link up, routes: libcni's ipam.ConfigureIface."""
-    link = cont.get(ifname)
-    if link is None:
-        raise _internal(f"failed to lookup {ifname!r}")
+def _configure_container(cont: fastnl.NetlinkSocket, link: fastnl.Link, netns_path: str, res: dict) -> None:
+    """Addresses and routes: libcni's ipam.ConfigureIface (the link is up since its creation)."""
+    ifname = link.name
     ifaces = [ipaddress.ip_interface(ipc["address"]) for ipc in res["ips"]]
     if any(i.version == 6 for i in ifaces):
-        with cont.inside():
+        with nsutil.entered(netns_path):
             sysctl(f"net/ipv6/conf/{ifname}/disable_ipv6", "0")
             sysctl(f"net/ipv6/conf/{ifname}/accept_dad", "0")
     gw_by_family: dict[int, str] = {}
     for ipc, iface in zip(res["ips"], ifaces):
         try:
             cont.add_address(link.index, iface)
-        except NetlinkError as e:
+        except OSError as e:
             raise _internal(f"failed to add IP addr {iface} to {ifname!r}: {e}") from None
         if ipc.get("gateway"):
             gw_by_family.setdefault(iface.version, ipc["gateway"])
-    try:
-        cont.set_up(link.index)
-    except NetlinkError as e:
-        raise _internal(f"failed to set {ifname!r} UP: {e}") from None
     for r in res.get("routes", []):
         dst = ipaddress.ip_network(r["dst"], strict=False)
         gw = r.get("gw") or gw_by_family.get(dst.version)
         try:
-            cont.add_route(str(dst), gw, link.index)
-        except NetlinkError as e:
+            cont.add_route(dst, ipaddress.ip_address(gw) if gw else None, link.index)
+        except OSError as e:
             raise _internal(f"failed to add route '{dst} via {gw} dev {ifname}': {e}") from None
 
 
-def _ensure_bridge_addr(host: Links, br, gw, force: bool) -> None:
+def _ensure_bridge_addr(nl: fastnl.NetlinkSocket, br: KnownBridge, gw, force: bool) -> None:
     family = socket.AF_INET if gw.version == 4 else socket.AF_INET6
-    for a in host.addresses(br.index, family):
+    for a in nl.addresses(br.index, family):
         if a == gw:
             return
         if gw.version == 4 or gw.ip in a.network or a.ip in gw.network:
             if not force:
                 raise _internal(f'"{br.name}" already has an IP address different from {gw}')
-            host.del_address(br.index, a)
-    host.add_address(br.index, gw)
+            nl.del_address(br.index, a)
+    nl.add_address(br.index, gw)
     # pin the bridge's MAC, or it follows the lowest port MAC as ports come and go
-    host.set_mac(br.index, host.get(br.name).mac)
+    link = nl.get_link(index=br.index)
+    if link is not None:
+        nl.set_link(br.index, mac=link.mac)
 
 
 def _enable_forwarding(version: int) -> None:
@@ -264,13 +322,14 @@ def cmd_add(args: CmdArgs) -> dict:
     conf = load_conf(args.config)
     _refuse_unsupported(conf)
     undo: list[Callable[[], None]] = []
-    with Links() as host, _open_container(args.netns) as cont:
-        br = ensure_bridge(host, conf)
+    host_path = invoke.host_namespace() if args.in_process else None
+    with fastnl.host_socket(host_path) as host, _open_container(args.netns) as cont:
+        bridge, from_memo = _known_bridge(host, conf)
         try:
-            hveth, cveth = _setup_veth(host, cont, args, conf, br.index, undo)
+            bridge, hveth, cveth = _setup_veth(host, cont, args, conf, bridge, from_memo, undo)
             res: dict = {
                 "interfaces": [
-                    {"name": br.name, "mac": br.mac},
+                    {"name": bridge.name, "mac": ""},
                     {"name": hveth.name, "mac": hveth.mac},
                     {"name": cveth.name, "mac": cveth.mac, "sandbox": args.netns},
                 ],
@@ -286,19 +345,26 @@ def cmd_add(args: CmdArgs) -> dict:
                     raise _internal("IPAM plugin returned missing IP config")
                 res.update(ips=ipam["ips"], routes=ipam.get("routes", []), dns=ipam.get("dns", {}))
                 gws = _calc_gateways(res, conf)
-                _configure_container(cont, args.ifname, res)
+                _configure_container(cont, cveth, args.netns, res)
                 for version, family_gws in gws.items():
                     for gw in family_gws:
+                        if str(gw) in bridge.gateways:
+                            continue  # found or put there by an earlier ADD of this process
                         try:
-                            _ensure_bridge_addr(host, br, gw, conf.force_address)
-                        except NetlinkError as e:
+                            _ensure_bridge_addr(host.nl, bridge, gw, conf.force_address)
+                        except OSError as e:
                             raise _internal(f"failed to set bridge addr: {e}") from None
+                        bridge.gateways.add(str(gw))
                     if family_gws:
                         _enable_forwarding(version)
-            lo = cont.get("lo")
-            if lo is not None and not lo.up:
-                cont.set_up(lo.index)
-            res["interfaces"][0]["mac"] = host.get(conf.bridge).mac
+            try:
+                cont.set_link(name="lo", up=True)
+                br = host.nl.get_link(conf.bridge)
+            except OSError as e:
+                raise _internal(f"failed to finish the interfaces of {args.container_id}: {e}") from None
+            if br is None:
+                raise _internal(f"could not lookup {conf.bridge!r}")
+            res["interfaces"][0]["mac"] = br.mac
             return res
         except BaseException:
             for step in reversed(undo):
@@ -319,17 +385,26 @@ def cmd_del(args: CmdArgs) -> None:
     conf = load_conf(args.config)
     if args.netns:
         try:
-            with Links(args.netns) as cont:
-                cont.delete(args.ifname)
+            cont = fastnl.NetlinkSocket.in_namespace(args.netns)
         except OSError as e:
             # the namespace is gone (or its mount is): its veth end went with it
             if e.errno not in (errno.ENOENT, errno.EINVAL):
                 raise _internal(f'failed to open netns "{args.netns}": {e.strerror or e}') from None
-    with Links() as host:
+        else:
+            with cont:
+                try:
+                    cont.del_link(args.ifname)
+                except OSError as e:
+                    raise _internal(f"failed to delete {args.ifname!r}: {e}") from None
+    host_path = invoke.host_namespace() if args.in_process else None
+    with fastnl.host_socket(host_path) as host:
         # gone with its peer normally; still here if the namespace outlived its mount
-        hveth = host.get(host_veth_name(args.container_id, args.ifname))
-        if hveth is not None and hveth.kind == "veth":
-            host.delete(hveth.name)
+        try:
+            hveth = host.nl.get_link(host_veth_name(args.container_id, args.ifname))
+            if hveth is not None and hveth.kind == "veth":
+                host.nl.del_link(index=hveth.index)
+        except OSError as e:
+            raise _internal(f"failed to delete the host veth of {args.container_id}: {e}") from None
     if conf.ipam_type:
         invoke.delegate("DEL", conf.ipam_type, args)
 
@@ -408,7 +483,13 @@ def _check_addresses_and_routes(cont: Links, ifname: str, prev: dict) -> None:
 def cmd_check(args: CmdArgs) -> None:
     conf = load_conf(args.config)
     _refuse_unsupported(conf)
-    with _open_container(args.netns) as cont, Links() as host:
+    from cni.links import Links
+
+    try:
+        cont = Links(args.netns)
+    except OSError as e:
+        raise _internal(f'failed to open netns "{args.netns}": {e.strerror or e}') from None
+    with cont, Links() as host:
         if conf.ipam_type:
             invoke.delegate("CHECK", conf.ipam_type, args)
         if not conf.prev_result:

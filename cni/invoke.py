@@ -19,6 +19,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from typing import Mapping, Optional
 
 from cni import netns as nsutil
@@ -33,6 +34,7 @@ IN_PROCESS_PLUGINS = {
     "kproxy-host-local": "cni.ipam.host_local",
 }
 DEFAULT_CNI_PATH = ("/usr/lib/cni", "/opt/cni/bin")
+_local = threading.local()  # .host_netns: the host namespace path of this thread's in-process call
 EXEC_TIMEOUT = 120.0  # seconds; a plugin that hangs longer is reported as failed
 
 
@@ -75,6 +77,12 @@ def _parse_output(plugin_type: str, command: str, code: int, out: bytes, err: by
     if not isinstance(obj, dict):
         raise CNIError(skel.ERR_DECODE, f"plugin {plugin_type} {command}: output is not a JSON object")
     return obj
+
+
+def host_namespace() -> Optional[str]:
+    """The path of the host namespace of the in-process call running on this thread,
+    None when the plugin was not given one (it runs in the caller's namespace)."""
+    return getattr(_local, "host_netns", None)
 
 
 def _run_in_process(plugin_type: str, env: Mapping[str, str], stdin: bytes) -> tuple[int, bytes, bytes]:
@@ -147,13 +155,18 @@ def _call(command: str, config: dict, *, container_id: str, netns: str, ifname: 
         env["CNI_NETNS"] = nsutil.path_of(netns)
     stdin = json.dumps(config).encode()
     plugin_type = config.get("type", "")
+    host_path = nsutil.path_of(host_netns) if host_netns else None
     with contextlib.ExitStack() as stack:
-        if host_netns:
+        if host_path:
             try:
-                stack.enter_context(nsutil.entered(host_netns))
+                stack.enter_context(nsutil.entered(host_path))
             except OSError as e:
                 raise CNIError(skel.ERR_IO, f"cannot enter host namespace {host_netns!r}: {e}") from None
-        return _exec(plugin_type, env, stdin, path, in_process)
+        outer, _local.host_netns = getattr(_local, "host_netns", None), host_path
+        try:
+            return _exec(plugin_type, env, stdin, path, in_process)
+        finally:
+            _local.host_netns = outer
 
 
 def delegate(command: str, plugin_type: str, args: skel.CmdArgs) -> Optional[dict]:

@@ -121,6 +121,21 @@ def entered(name: str) -> Iterator[None]:
         os.close(own)
 
 
+def sysctl(key: str, value: str) -> bool:
+    """Set /proc/sys/<key> ("net/ipv4/ip_forward") in the calling thread's namespace
+    (a read first: nothing is written when it already holds ``value``); False if impossible."""
+    path = os.path.join("/proc/sys", key)
+    try:
+        with open(path) as f:
+            if f.read().strip() == value:
+                return True
+        with open(path, "w") as f:
+            f.write(value)
+        return True
+    except OSError:
+        return False
+
+
 def open_fd(name: str) -> int:
     """An O_RDONLY descriptor on the namespace, for IFLA_NET_NS_FD; caller closes it."""
     return os.open(path_of(name), os.O_RDONLY)

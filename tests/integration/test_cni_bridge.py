@@ -8,6 +8,8 @@ only flows between namespaces made here.
 from __future__ import annotations
 
 import asyncio
+import errno
+import ipaddress
 import json
 import os
 import secrets
@@ -466,3 +468,140 @@ def test_reference_bridge_with_kproxy_host_local_and_a_shared_data_dir(make_ns, 
     assert run_exe(KP_BRIDGE, "DEL", conf(tmp_path, ipam_type="host-local"), cid="x-ref", host=host, cont=None) == (0, None)
     assert run_exe(KP_BRIDGE, "DEL", conf(tmp_path), cid="x-ref2", host=host, cont=None) == (0, None)
     assert ip_files(tmp_path) == []
+
+
+# -- the netlink hot path (cni.fastnl) ----------------------------------------------------------
+
+@pytest.fixture
+def two_namespaces():
+    """Two throwaway namespaces, removed whatever the test did."""
+    names = [f"kpcni-{secrets.token_hex(3)}" for _ in range(2)]
+    made = []
+    try:
+        for name in names:
+            netns.create(name)
+            made.append(name)
+        yield tuple(names)
+    finally:
+        for name in made:
+            netns.delete(name)
+
+
+def test_fastnl_builds_a_veth_pair_across_two_namespaces(two_namespaces):
+    from cni import fastnl
+    a, b = two_namespaces
+    with fastnl.NetlinkSocket.in_namespace(a) as na, fastnl.NetlinkSocket.in_namespace(b) as nb:
+        na.add_bridge("br-t", mtu=1400)
+        br = na.get_link("br-t")
+        assert br.kind == "bridge" and not br.up
+        na.set_link(br.index, up=True, mac="02:00:00:00:00:01")
+        na.add_address(br.index, ipaddress.ip_interface("10.79.0.1/24"))
+        fd = netns.open_fd(b)
+        try:
+            na.add_veth("vt-a", "eth0", fd, mtu=1400, master=br.index, up=True)
+            with pytest.raises(OSError) as e:  # the same names again
+                na.add_veth("vt-a", "eth0", fd)
+            assert e.value.errno == errno.EEXIST
+        finally:
+            os.close(fd)
+        host_end, cont_end = na.get_link("vt-a"), nb.get_link("eth0")
+        assert (host_end.kind, host_end.up, host_end.mtu, host_end.master) == ("veth", True, 1400, br.index)
+        assert (cont_end.kind, cont_end.up, cont_end.mtu) == ("veth", False, 1400)
+        assert host_end.peer == cont_end.index and cont_end.peer == host_end.index
+        assert na.get_link("eth0") is None  # the peer was made in b only
+        na.set_hairpin(host_end.index, True)
+        nb.set_link(cont_end.index, up=True)
+        nb.set_link(name="lo", up=True)
+        nb.add_address(cont_end.index, ipaddress.ip_interface("10.79.0.2/24"))
+        nb.add_address(cont_end.index, ipaddress.ip_interface("10.79.0.2/24"))  # already there: fine
+        nb.add_route(ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_address("10.79.0.1"), cont_end.index)
+        with pytest.raises(OSError) as e:
+            nb.add_route(ipaddress.ip_network("10.96.0.0/12"), ipaddress.ip_address("192.0.2.1"), cont_end.index)
+        assert e.value.errno == errno.ENETUNREACH
+        assert nb.addresses(cont_end.index, socket.AF_INET) == [ipaddress.ip_interface("10.79.0.2/24")]
+        # what iproute2 sees
+        (veth,) = [link for link in ipj(a, "-d", "link", "show") if link["ifname"] == "vt-a"]
+        assert veth["master"] == "br-t" and veth["linkinfo"]["info_slave_data"]["hairpin"] is True
+        assert links(a)["br-t"]["address"] == "02:00:00:00:00:01"
+        state = container_state(b)
+        assert state["up"] and state["lower_up"] and state["addresses"] == [("10.79.0.2", 24, "10.79.0.255")]
+        assert ("default", "10.79.0.1", "eth0", "boot", "global", None) in state["routes"]
+        assert ping(b, "10.79.0.1")
+        assert nb.del_link("eth0") is True and nb.del_link("eth0") is False
+        assert na.get_link("vt-a") is None  # gone with its peer
+
+
+def count_requests(monkeypatch) -> list[int]:
+    """Count every netlink request of cni.fastnl (requests and dumps) into the returned list."""
+    from cni import fastnl
+    seen: list[int] = []
+    for name in ("request", "dump"):
+        orig = getattr(fastnl.NetlinkSocket, name)
+
+        def counted(self, msg_type, *a, _orig=orig, **k):
+            seen.append(msg_type)
+            return _orig(self, msg_type, *a, **k)
+
+        monkeypatch.setattr(fastnl.NetlinkSocket, name, counted)
+    return seen
+
+
+def test_netlink_requests_of_an_in_process_add_and_del(make_ns, tmp_path, monkeypatch):
+    from cni import fastnl
+    host, a, b = make_ns(), make_ns(), make_ns()
+    c = conf(tmp_path, hairpinMode=True)
+    seen = count_requests(monkeypatch)
+    invoke.call("ADD", c, container_id="first", netns=a, host_netns=host)
+    first = len(seen)
+    seen.clear()
+    res = invoke.call("ADD", c, container_id="second", netns=b, host_netns=host)
+    # the bridge is known: the veth pair, its container end up, both ends read back, hairpin,
+    # address, route, lo up, the bridge's MAC read back
+    assert sorted(seen) == sorted([fastnl.RTM_NEWLINK, fastnl.RTM_SETLINK, fastnl.RTM_GETLINK, fastnl.RTM_GETLINK,
+                                   fastnl.RTM_SETLINK, fastnl.RTM_NEWADDR, fastnl.RTM_NEWROUTE,
+                                   fastnl.RTM_SETLINK, fastnl.RTM_GETLINK])
+    assert first > len(seen)  # the first ADD verified (here: made) the bridge and its address
+    assert res["interfaces"][0]["mac"] == links(host)["cni0"]["address"]
+    assert res["interfaces"][2]["mac"] == links(b)["eth0"]["address"]
+    seen.clear()
+    invoke.call("DEL", c, container_id="second", netns=b, host_netns=host)
+    assert seen == [fastnl.RTM_DELLINK, fastnl.RTM_GETLINK]
+    assert container_state(b) is None and ip_files(tmp_path) == ["10.77.0.2"]
+
+
+def test_in_process_add_after_the_known_bridge_was_deleted_or_replaced(make_ns, tmp_path):
+    host, a, b, c_ns = make_ns(), make_ns(), make_ns(), make_ns()
+    c = conf(tmp_path)
+    invoke.call("ADD", c, container_id="before", netns=a, host_netns=host)
+    subprocess.run(["ip", "-n", host, "link", "del", "cni0"], check=True)
+    res = invoke.call("ADD", c, container_id="after", netns=b, host_netns=host)
+    hs = host_state(host)
+    assert hs["bridge"]["up"] and hs["bridge"]["addresses"] == [("10.77.0.1", 24, "10.77.0.255")]
+    assert hs["ports"] == [("veth", True, 1500, False)]
+    assert res["interfaces"][0]["mac"] == links(host)["cni0"]["address"]
+    assert ping(b, "10.77.0.1")
+    # someone else's bridge of that name, holding another address: checked again, refused
+    subprocess.run(["ip", "-n", host, "link", "del", "cni0"], check=True)
+    subprocess.run(["ip", "-n", host, "link", "add", "cni0", "type", "bridge"], check=True)
+    subprocess.run(["ip", "-n", host, "addr", "add", "10.99.0.1/24", "dev", "cni0"], check=True)
+    with pytest.raises(invoke.CNIError, match='"cni0" already has an IP address different from 10.77.0.1/24'):
+        invoke.call("ADD", c, container_id="third", netns=c_ns, host_netns=host)
+    assert container_state(c_ns) is None and host_veth_name("third", "eth0") not in links(host)
+    # not a bridge at all
+    subprocess.run(["ip", "-n", host, "link", "del", "cni0"], check=True)
+    subprocess.run(["ip", "-n", host, "link", "add", "cni0", "type", "veth", "peer", "name", "cni0p"], check=True)
+    with pytest.raises(invoke.CNIError, match="'cni0' already exists but is not a bridge"):
+        invoke.call("ADD", c, container_id="third", netns=c_ns, host_netns=host)
+
+
+def test_the_cached_host_socket_goes_with_its_namespace(make_ns, tmp_path):
+    from cni import fastnl
+    host, other, a, b = make_ns(), make_ns(), make_ns(), make_ns()
+    fastnl.close_cached()
+    invoke.call("ADD", conf(tmp_path / "1"), container_id="x", netns=a, host_netns=host)
+    assert set(fastnl._cache()) == {netns.path_of(host)}
+    netns.delete(host)  # its name is gone: the next call of this thread lets the namespace go
+    invoke.call("ADD", conf(tmp_path / "2"), container_id="y", netns=b, host_netns=other)
+    assert set(fastnl._cache()) == {netns.path_of(other)}
+    fastnl.close_cached()
+    assert fastnl._cache() == {}
