@@ -189,6 +189,48 @@ def test_disk_store_reads_reference_and_legacy_records(tmp_path):
     assert sorted(os.listdir(d)) == ["10.1.0.11", "last_reserved_ip.0", "lock"]
 
 
+def test_disk_store_sees_what_other_processes_changed_between_two_allocations(tmp_path):
+    """The store remembers the files it read; a change by someone else must still show,
+    including a record rewritten under the same name (ext4 gives it the same inode)."""
+    rs = rangeset({"subnet": "10.1.0.0/24"})
+    d = tmp_path / "net1"
+    with DiskStore("net1", str(tmp_path)) as store:
+        alloc = IPAllocator(rs, store, 0)
+        for cid in ("a", "b"):
+            alloc.get(cid, "eth0")
+    # another process: releases b's address and gives it to c, adds d's
+    os.unlink(d / "10.1.0.3")
+    (d / "10.1.0.3").write_bytes(b"c\r\neth0")
+    (d / "10.1.0.9").write_bytes(b"d\r\neth0")
+    with DiskStore("net1", str(tmp_path)) as store:
+        assert store.get_by_id("b", "eth0") == []
+        assert [str(i) for i in store.get_by_id("c", "eth0")] == ["10.1.0.3"]
+        assert [str(i) for i in store.get_by_id("d", "eth0")] == ["10.1.0.9"]
+        with pytest.raises(AllocationError, match="duplicate allocation"):
+            IPAllocator(rs, store, 0).get("c", "eth0")
+        (d / "10.1.0.9").unlink()
+        assert store.get_by_id("d", "eth0") == []
+
+
+def test_disk_store_reads_each_file_once_while_it_is_the_only_writer(tmp_path, monkeypatch):
+    from cni.ipam import store as store_mod
+    reads: list[str] = []
+    real = store_mod._read_owner
+    monkeypatch.setattr(store_mod, "_read_owner", lambda path: reads.append(path) or real(path))
+    (tmp_path / "net1").mkdir()
+    (tmp_path / "net1" / "10.1.0.200").write_bytes(b"old\r\neth0")  # there before this process
+    rs = rangeset({"subnet": "10.1.0.0/24"})
+    for k in range(20):
+        with DiskStore("net1", str(tmp_path)) as store:
+            IPAllocator(rs, store, 0).get(f"c{k}", "eth0")
+            if k % 2:
+                IPAllocator(rs, store, 0).release(f"c{k - 1}", "eth0")
+    assert [os.path.basename(p) for p in reads] == ["10.1.0.200"]
+    with DiskStore("net1", str(tmp_path)) as store:
+        assert len(store.allocations()) == 11 and not store.get_by_id("c0", "eth0")
+        assert [str(i) for i in store.get_by_id("old", "eth0")] == ["10.1.0.200"]
+
+
 def test_threads_sharing_a_data_dir_never_share_an_address(tmp_path):
     rs = rangeset({"subnet": "10.1.0.0/26"})
     got: list[str] = []
