@@ -205,23 +205,73 @@ def _print_pods(cluster, namespace: Optional[str], wide: bool, output: Optional[
     click.echo(_table(rows))
 
 
+KINDS = {
+    "nodes": "nodes", "node": "nodes", "no": "nodes",
+    "pods": "pods", "pod": "pods", "po": "pods",
+    "services": "services", "service": "services", "svc": "services",
+    "endpointslices": "endpointslices", "endpointslice": "endpointslices",
+}
+
+
 @main.command()
-@click.argument("kind", type=click.Choice(["nodes", "node", "no", "pods", "pod", "po"]))
-@click.option("-o", "--output", type=click.Choice(["wide", "json"]), default=None)
+@click.argument("kind", type=click.Choice(sorted(KINDS)))
+@click.option("-o", "--output", type=click.Choice(["wide", "json", "yaml"]), default=None)
 @click.option("-n", "--namespace", default="default", show_default=True)
 @click.option("-A", "--all-namespaces", is_flag=True)
 @click.pass_context
 def get(ctx, kind, output, namespace, all_namespaces):
-    """List nodes or pods, as kubectl would (-o wide, -o json).
+    """List nodes, pods, services or endpointslices, as kubectl would (-o wide|json|yaml).
 
-    Example: kproxy get pods -A -o wide
+    Example: kproxy get svc -A -o wide
     """
+    from kproxy import views
     cluster = _open(ctx)
+    kind = KINDS[kind]
     wide = output == "wide"
-    if kind in ("nodes", "node", "no"):
+    ns = None if all_namespaces else namespace
+    if kind == "nodes":
         _print_nodes(cluster, wide=wide, output=output)
+        return
+    if kind == "pods":
+        _print_pods(cluster, ns, wide, "json" if output == "yaml" else output)
+        return
+    services, slices = _view(cluster)
+    items = services if kind == "services" else slices
+    items = [x for x in items if ns is None or x.namespace == ns]
+    if output in ("json", "yaml"):
+        click.echo(views.as_list(items, output))
+    elif kind == "services":
+        click.echo(views.services_table(items, wide=wide, all_namespaces=ns is None, namespace=namespace))
     else:
-        _print_pods(cluster, None if all_namespaces else namespace, wide, output)
+        click.echo(views.endpointslices_table(items, all_namespaces=ns is None, namespace=namespace))
+
+
+def _view(cluster):
+    from kproxy.reconcile import current_view, open_store
+    store = open_store(cluster)
+    try:
+        return current_view(cluster, store)
+    finally:
+        store.close()
+
+
+@main.command()
+@click.argument("kind", type=click.Choice(["svc", "service", "services"]))
+@click.argument("name")
+@click.option("-n", "--namespace", default="default", show_default=True)
+@click.pass_context
+def describe(ctx, kind, name, namespace):
+    """Show a Service as `kubectl describe svc` does, with its endpoints.
+
+    Example: kproxy describe svc wordpress
+    """
+    from kproxy import views
+    services, slices = _view(_open(ctx))
+    svc = next((s for s in services if s.name == name and s.namespace == namespace), None)
+    if svc is None:
+        raise KproxyError(f'services "{name}" not found in namespace {namespace}')
+    mine = [s for s in slices if s.namespace == namespace and s.service_name == name]
+    click.echo(views.describe_service(svc, mine, max_endpoints=None))
 
 
 # ---- pods ----------------------------------------------------------------------------------

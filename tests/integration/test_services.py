@@ -302,3 +302,27 @@ def test_seed_ejercicio1_spreads_over_four_pods(lab):
     assert busybox.status["ready"], busybox.status     # runs `sleep 3600` as given
     out = probe(lab.c, busybox.netns, lab.svc("store-products").cluster_ip, 80, n=80)
     assert not out["errors"] and len(out["pods"]) == 4
+
+
+def test_cli_get_and_describe_like_kubectl(lab):
+    env = {"KPROXY_CLUSTER": lab.c.name}
+    res = kproxy_cli("apply", "-f", str(SEED / "Sesion4-Kubernetes" / "Stateful-app"), env=env)
+    assert res.returncode == 0, res.stderr
+    svc = kproxy_cli("get", "svc", env=env, check=True).stdout
+    wp = next(line for line in svc.splitlines() if line.startswith("wordpress "))
+    assert "LoadBalancer" in wp and "192.168.5.241" in wp and ":3" in wp and "8080:" in wp
+    mysql = next(line for line in svc.splitlines() if line.startswith("wordpress-mysql "))
+    assert " None " in mysql and "3306/TCP" in mysql
+    desc = kproxy_cli("describe", "svc", "wordpress", env=env, check=True).stdout
+    pods = [p for p in lab.c.__class__.open(lab.c.name).pods.values()
+            if p.name.startswith("wordpress-") and "mysql" not in p.name]
+    for p in pods:
+        assert f"{p.ip}:80" in desc
+    slices = kproxy_cli("get", "endpointslices", env=env, check=True).stdout
+    assert "wordpress-" in slices and "IPv4" in slices
+    pods_out = kproxy_cli("get", "pods", "-o", "wide", env=env, check=True).stdout
+    assert pods_out.count("1/1") == 5 and "Running" in pods_out
+    as_json = json.loads(kproxy_cli("get", "svc", "-o", "json", env=env, check=True).stdout)
+    assert {i["metadata"]["name"] for i in as_json["items"]} == {"wordpress", "wordpress-mysql"}
+    bad = kproxy_cli("describe", "svc", "nope", env=env)
+    assert bad.returncode == 1 and 'services "nope" not found' in bad.stderr
