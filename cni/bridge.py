@@ -141,9 +141,10 @@ def _open_container(path: str) -> fastnl.NetlinkSocket:
 #
 # Netlink requests of an ADD whose bridge this process already verified in that host
 # namespace (IPv4, hairpin, one route): the veth pair (the host end created up and
-# enslaved, its peer made directly in the container), the container end up, both
-# ends read back (MAC, index), the hairpin flag, the address, the route, lo up, and
-# the bridge read back for its MAC: 9, on two sockets.
+# enslaved and echoed back, its peer made directly in the container), the container
+# end up and read back (MAC, index), the hairpin flag, the address, the route, lo up,
+# and the bridge read back (its MAC for the result; set down since: up again): 8, on
+# two sockets (9 on kernels before 6.3, which do not echo the new link).
 
 @dataclass
 class KnownBridge:
@@ -199,12 +200,13 @@ def _known_bridge(host: fastnl.HostSocket, conf: NetConf, recheck: bool = False)
 
 
 def _make_veth(host: fastnl.NetlinkSocket, cont: fastnl.NetlinkSocket, host_name: str, args: CmdArgs,
-               conf: NetConf, master: int) -> None:
+               conf: NetConf, master: int) -> Optional[fastnl.Link]:
     """One request: the container end made in its namespace, the host end up and on
-    the bridge.  A name already taken is reported as the reference does."""
+    the bridge (returned as the kernel echoes it, when it does).  A name already
+    taken is reported as the reference does."""
     fd = nsutil.open_fd(args.netns)
     try:
-        host.add_veth(host_name, args.ifname, fd, mtu=conf.mtu, master=master, up=True)
+        return host.add_veth(host_name, args.ifname, fd, mtu=conf.mtu, master=master, up=True)
     except OSError as e:
         if e.errno == errno.EEXIST:
             if cont.get_link(args.ifname) is not None:
@@ -223,19 +225,20 @@ def _setup_veth(host: fastnl.HostSocket, cont: fastnl.NetlinkSocket, args: CmdAr
     nl = host.nl
     try:
         try:
-            _make_veth(nl, cont, host_name, args, conf, bridge.index)
+            hveth = _make_veth(nl, cont, host_name, args, conf, bridge.index)
         except OSError as e:
             if not (from_memo and e.errno in _BRIDGE_GONE):
                 raise
             # the bridge this process knew is gone or replaced: the whole ensure again
             bridge, _ = _known_bridge(host, conf, recheck=True)
-            _make_veth(nl, cont, host_name, args, conf, bridge.index)
+            hveth = _make_veth(nl, cont, host_name, args, conf, bridge.index)
     except OSError as e:
         raise _internal(f"failed to make veth pair: {e}") from None
     undo.append(lambda: nl.del_link(host_name))
     try:
+        if hveth is None:  # a kernel that does not echo a new link
+            hveth = nl.get_link(host_name)
         cont.set_link(name=args.ifname, up=True)
-        hveth = nl.get_link(host_name)
         cveth = cont.get_link(args.ifname)
         if hveth is None or cveth is None:
             raise _internal(f"veth pair {host_name}/{args.ifname} vanished after creation")
@@ -362,8 +365,14 @@ def cmd_add(args: CmdArgs) -> dict:
                 br = host.nl.get_link(conf.bridge)
             except OSError as e:
                 raise _internal(f"failed to finish the interfaces of {args.container_id}: {e}") from None
+            if br is not None and from_memo and (not br.up or (conf.promisc_mode and not br.promisc)):
+                # set down (or back to non-promiscuous) since this process checked it
+                br = ensure_bridge(host.nl, conf)
             if br is None:
                 raise _internal(f"could not lookup {conf.bridge!r}")
+            if br.index != bridge.index or br.kind != "bridge":
+                host.memo.pop(("bridge", conf.bridge), None)  # replaced meanwhile: the next ADD checks it all
+            # the MAC read last, as the reference does: a bridge's follows its ports unless set
             res["interfaces"][0]["mac"] = br.mac
             return res
         except BaseException:

@@ -415,9 +415,13 @@ class NetlinkSocket:
         return parse_link(answers[0]) if answers else None
 
     def add_veth(self, name: str, peer_name: str, peer_ns_fd: int, *, mtu: int = 0, master: int = 0,
-                 up: bool = False) -> None:
-        self.request(RTM_NEWLINK, veth_request(name, peer_name, peer_ns_fd, mtu=mtu, master=master, up=up),
-                     NLM_F_CREATE | NLM_F_EXCL)
+                 up: bool = False) -> Optional[Link]:
+        """Make the pair; this end as the kernel echoes it back (index, MAC, peer index;
+        Linux 6.3 and later), None where it does not."""
+        answers = self.request(RTM_NEWLINK, veth_request(name, peer_name, peer_ns_fd, mtu=mtu, master=master, up=up),
+                               NLM_F_CREATE | NLM_F_EXCL | NLM_F_ECHO)
+        echoed = [link for link in map(parse_link, answers) if link.name == name]
+        return echoed[-1] if echoed else None
 
     def add_bridge(self, name: str, mtu: int = 0) -> None:
         """A bridge (an existing link of that name is left alone)."""

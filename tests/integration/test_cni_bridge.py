@@ -555,11 +555,12 @@ def test_netlink_requests_of_an_in_process_add_and_del(make_ns, tmp_path, monkey
     first = len(seen)
     seen.clear()
     res = invoke.call("ADD", c, container_id="second", netns=b, host_netns=host)
-    # the bridge is known: the veth pair, its container end up, both ends read back, hairpin,
-    # address, route, lo up, the bridge's MAC read back
-    assert sorted(seen) == sorted([fastnl.RTM_NEWLINK, fastnl.RTM_SETLINK, fastnl.RTM_GETLINK, fastnl.RTM_GETLINK,
-                                   fastnl.RTM_SETLINK, fastnl.RTM_NEWADDR, fastnl.RTM_NEWROUTE,
-                                   fastnl.RTM_SETLINK, fastnl.RTM_GETLINK])
+    # the bridge is known: the veth pair (its host end echoed back), the container end up and
+    # read back, hairpin, address, route, lo up, the bridge read back for its MAC
+    expected = sorted([fastnl.RTM_NEWLINK, fastnl.RTM_SETLINK, fastnl.RTM_GETLINK, fastnl.RTM_SETLINK,
+                       fastnl.RTM_NEWADDR, fastnl.RTM_NEWROUTE, fastnl.RTM_SETLINK, fastnl.RTM_GETLINK])
+    no_echo = sorted(expected + [fastnl.RTM_GETLINK])  # kernels before 6.3 echo no new link
+    assert sorted(seen) in (expected, no_echo)
     assert first > len(seen)  # the first ADD verified (here: made) the bridge and its address
     assert res["interfaces"][0]["mac"] == links(host)["cni0"]["address"]
     assert res["interfaces"][2]["mac"] == links(b)["eth0"]["address"]
@@ -580,6 +581,11 @@ def test_in_process_add_after_the_known_bridge_was_deleted_or_replaced(make_ns, 
     assert hs["ports"] == [("veth", True, 1500, False)]
     assert res["interfaces"][0]["mac"] == links(host)["cni0"]["address"]
     assert ping(b, "10.77.0.1")
+    # set down by someone since: up again, as the reference would
+    subprocess.run(["ip", "-n", host, "link", "set", "cni0", "down"], check=True)
+    res = invoke.call("ADD", c, container_id="after-down", netns=c_ns, host_netns=host)
+    assert host_state(host)["bridge"]["up"] and ping(c_ns, "10.77.0.1")
+    invoke.call("DEL", c, container_id="after-down", netns=c_ns, host_netns=host)
     # someone else's bridge of that name, holding another address: checked again, refused
     subprocess.run(["ip", "-n", host, "link", "del", "cni0"], check=True)
     subprocess.run(["ip", "-n", host, "link", "add", "cni0", "type", "bridge"], check=True)
