@@ -5,4 +5,6 @@
 - `cni.skel`: the protocol (env vars + stdin in, result or error object out).
 - `cni.bridge`: ``kproxy-bridge``; `cni.ipam.host_local`: ``kproxy-host-local``.
 - `cni.netns`: named network namespaces entered per thread.
+- `cni.fastnl`: the synchronous rtnetlink client ADD and DEL use; `cni.links` (pyroute2)
+  reads for CHECK.
 """
