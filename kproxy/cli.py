@@ -70,9 +70,12 @@ def main(ctx: click.Context, cluster: str) -> None:
 @click.option("--node-subnet-prefix", type=int, default=24, show_default=True, help="Size of each node's pod subnet.")
 @click.option("--service-cidr", default="10.96.0.0/12", show_default=True)
 @click.option("--node-cidr", default="192.168.5.0/24", show_default=True, help="The nodes' (underlay) network.")
+@click.option("--first-pod-host", type=int, default=2, show_default=True,
+              help="Pods get addresses from host .N of their node's subnet up.")
 @click.option("--backend", type=click.Choice(["iptables", "nftables", "ipvs"]), default="iptables", show_default=True)
 @click.pass_context
-def up(ctx, node_count, node_names, network_mode, pod_cidr, node_subnet_prefix, service_cidr, node_cidr, backend):
+def up(ctx, node_count, node_names, network_mode, pod_cidr, node_subnet_prefix, service_cidr, node_cidr,
+       first_pod_host, backend):
     """Create the cluster: node namespaces, their bridges and routes, the external client.
 
     Example: kproxy up --nodes 3 --network vxlan
@@ -84,7 +87,7 @@ def up(ctx, node_count, node_names, network_mode, pod_cidr, node_subnet_prefix, 
     nodes = list(node_names) if node_names else nodes_from_count(2 if node_count is None else node_count)
     config = ClusterConfig(name=_cluster_name(ctx), nodes=nodes, network_mode=network_mode, pod_cidr=pod_cidr,
                            node_subnet_prefix=node_subnet_prefix, service_cidr=service_cidr,
-                           node_cidr=node_cidr, backend=backend)
+                           node_cidr=node_cidr, first_pod_host=first_pod_host, backend=backend)
     cluster = Cluster.create(config)
     click.echo(f"cluster {cluster.name} is up: {len(cluster.nodes)} nodes, {network_mode} networking")
     _print_nodes(cluster, wide=True)
@@ -391,6 +394,46 @@ def delete(ctx, kind, names, files, namespace):
     for name in names:
         cluster.delete_pod(name, namespace)
         click.echo(f'pod "{name}" deleted')
+
+
+@main.command()
+@click.argument("source", metavar="FROM")
+@click.argument("target", metavar="TO")
+@click.option("-n", "--namespace", default="default", show_default=True, help="Namespace of FROM and TO names.")
+@click.option("--udp", is_flag=True, help="Send UDP instead of TCP.")
+@click.option("--http", is_flag=True, help="Send an HTTP request and show the answer.")
+@click.option("--count", type=click.IntRange(1, 100), default=1, show_default=True, help="Connections to make.")
+@click.option("-o", "--output", type=click.Choice(["text", "json", "mermaid"]), default="text", show_default=True)
+@click.option("--pcap", type=click.Path(dir_okay=False, writable=True), help="Write every captured packet here.")
+@click.pass_context
+def trace(ctx, source, target, namespace, udp, http, count, output, pcap):
+    """Follow a real packet from FROM to TO and tell what the kernel did with it.
+
+    \b
+    FROM: a pod ([ns/]pod) or `external` (the client outside the cluster)
+    TO:   a Service ([ns/]svc[:port]), IP:PORT, or node/NAME:NODEPORT
+
+    It traces the flow's netfilter rules on every node (nft monitor trace), reads its
+    conntrack entry (the rewrite, as the kernel recorded it) and captures it on every
+    hop, then removes all of that again.
+
+    Example: kproxy trace client wordpress --http
+    """
+    from kproxy.trace import live, story
+    cluster = _open(ctx)
+    if namespace != "default":
+        source = source if "/" in source or source == "external" else f"{namespace}/{source}"
+        if not target.startswith("node/") and "/" not in target.split(":")[0] and not target[0].isdigit():
+            target = f"{namespace}/{target}"
+    services, slices = _view(cluster)
+    result = live.run(cluster, services, slices, source, target, udp=udp, http=http, count=count, pcap=pcap)
+    report = story.build(result)
+    if output == "json":
+        click.echo(json.dumps(report, indent=2, default=str))
+    elif output == "mermaid":
+        click.echo(report["diagram"])
+    else:
+        click.echo(story.text(report, color=sys.stdout.isatty()))
 
 
 @main.command()

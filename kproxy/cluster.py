@@ -253,7 +253,8 @@ class Cluster:
             "mtu": self.config.pod_mtu(),
             "ipam": {
                 "type": "kproxy-host-local",
-                "ranges": [[{"subnet": node.pod_cidr, "gateway": node.gateway}]],
+                "ranges": [[{"subnet": node.pod_cidr, "gateway": node.gateway,
+                             "rangeStart": str(ipaddress.ip_network(node.pod_cidr)[self.config.first_pod_host])}]],
                 "routes": [{"dst": "0.0.0.0/0"}],
                 "dataDir": os.path.join(self.dir, "ipam", node.name),
             },

@@ -29,6 +29,7 @@ class ClusterConfig:
     node_cidr: str = "192.168.5.0/24"
     first_node_host: int = 11          # node i gets host number first_node_host + i
     external_host: int = 100           # the "external" client's host number
+    first_pod_host: int = 2            # pods get addresses from host .N of their node's subnet (IPAM rangeStart)
     node_port_range: str = "30000-32767"
     lb_pool: Optional[str] = "192.168.5.240/28"
     backend: str = "iptables"
@@ -118,6 +119,9 @@ class ClusterConfig:
                 f"pod CIDR {pod} holds only {2 ** (self.node_subnet_prefix - pod.prefixlen)} "
                 f"/{self.node_subnet_prefix} node subnets, {len(self.nodes)} nodes asked"
             )
+        if not 2 <= self.first_pod_host < 2 ** (32 - self.node_subnet_prefix) - 1:
+            raise ConfigError(f"first pod host .{self.first_pod_host} is outside the /{self.node_subnet_prefix} "
+                              "node subnets (.1 is the bridge)")
         node_net = nets["node_cidr"]
         hosts = node_net.num_addresses - 2
         last = self.first_node_host + len(self.nodes) - 1

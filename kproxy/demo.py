@@ -1,10 +1,14 @@
-"""`kproxy demo` (and so `make demo`): a guided tour on a throwaway cluster.
+"""`kproxy demo` (and so `make demo`): a guided tour on throwaway clusters.
 
-It brings up a two-node cluster, puts a pod on each node, has one talk to the other
+Part 1 brings up a two-node cluster, puts a pod on each node, has one talk to the other
 across nodes and shows that the receiver sees the sender's own pod IP (no NAT between
-pods), then removes everything and proves the machine is as it was.
+pods).  Part 2 rebuilds the course slide that named the TRAP (examples/trap): Service
+my-svc at 172.11.240.5, its pod at 10.0.5.6, the node's eth0 at 192.168.5.11, and traces
+a request to my-svc.  Each cluster is removed and the machine proven as it was.
 """
 from __future__ import annotations
+
+import os
 
 import secrets
 import subprocess
@@ -24,7 +28,55 @@ CLIENT = (
 )
 
 
+EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "trap")
+
+
 def run_demo(echo: Callable[[str], None] = print, network_mode: str = "vxlan") -> int:
+    first = pods_across_nodes(echo, network_mode)
+    echo("")
+    second = trap(echo)
+    return first or second
+
+
+def trap(echo: Callable[[str], None] = print, example: str = EXAMPLE) -> int:
+    """The slide: apply examples/trap on a one-node cluster and trace client -> my-svc."""
+    from kproxy.clean import clean_cluster
+    from kproxy.cluster import Cluster, require_root
+    from kproxy.config import ClusterConfig
+    from kproxy.model import load
+    from kproxy.reconcile import converge, current_view, open_store
+    from kproxy.trace import live, story
+
+    require_root()
+    name = f"trap{secrets.token_hex(2)}"
+    echo(f"== the TRAP, as on the course slide: cluster {name!r}")
+    cluster = Cluster.create(ClusterConfig(name=name, nodes=["node1"], pod_cidr="10.0.5.0/24",
+                                           service_cidr="172.11.240.0/20", first_pod_host=6))
+    status = 1
+    try:
+        store = open_store(cluster)
+        for line in store.apply(load(example)).lines():
+            echo(f"   {line}")
+        converge(cluster, store)
+        client = cluster.add_pod("client", node="node1")
+        pod = cluster.pod("my-pod")
+        echo(f"   node1 eth0 {cluster.node('node1').ip}; my-pod {pod.ip}; client {client.ip}")
+        services, slices = current_view(cluster, store)
+        store.close()
+        echo("== kproxy trace client my-svc --http")
+        report = story.build(live.run(cluster, services, slices, "client", "my-svc", http=True))
+        echo(story.text(report, color=sys.stdout.isatty()))
+        echo("== the same path as a Mermaid diagram (kproxy trace ... -o mermaid)")
+        echo(report["diagram"])
+        if report["trap"] == {"before": "172.11.240.5:80", "after": f"{pod.ip}:80"}:
+            status = 0
+    finally:
+        report_clean = clean_cluster(name)
+        echo("== " + report_clean.summary().replace("\n", "\n   "))
+    return status if report_clean.ok else 1
+
+
+def pods_across_nodes(echo: Callable[[str], None] = print, network_mode: str = "vxlan") -> int:
     from kproxy.clean import clean_cluster
     from kproxy.cluster import Cluster, require_root
     from kproxy.config import ClusterConfig
