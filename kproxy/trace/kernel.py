@@ -113,14 +113,24 @@ class ConntrackEntry:
 _KV = re.compile(r"(\w+)=(\S+)")
 
 
-def conntrack(ns: str, node: str, proto: str) -> List[ConntrackEntry]:
-    res = subprocess.run(process.exec_argv(ns, ["conntrack", "-L", "-p", proto]), capture_output=True, text=True)
-    out = []
-    for line in res.stdout.splitlines():
+def conntrack_events(ns: str, proto: str) -> subprocess.Popen:
+    """Follow conntrack's events (NEW, UPDATE, DESTROY) in ``ns``: unlike a listing after
+    the fact, this also sees a flow the kernel dropped at once (a SYN answered by RST)."""
+    return subprocess.Popen(process.exec_argv(ns, ["conntrack", "-E", "-p", proto]), stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+
+
+def parse_conntrack(node: str, proto: str, text: str) -> List[ConntrackEntry]:
+    """Entries from `conntrack -L` or `conntrack -E` lines; for events, the last state of
+    each flow (keyed by its original tuple) wins."""
+    flows: Dict[tuple, ConntrackEntry] = {}
+    for line in text.splitlines():
         words = line.split()
+        if words and words[0].startswith("["):
+            words = words[1:]
         if len(words) < 4:
             continue
-        state = words[3] if proto == "tcp" else ""
+        state = words[3] if proto == "tcp" and "=" not in words[3] else ""
         pairs = _KV.findall(line)
         tuples = []
         cur: Dict[str, str] = {}
@@ -138,9 +148,13 @@ def conntrack(ns: str, node: str, proto: str) -> List[ConntrackEntry]:
         if len(tuples) < 2:
             continue
         mk = lambda t: Tuple4(t["src"], t["dst"], int(t["sport"]), int(t["dport"]))  # noqa: E731
-        flags = re.findall(r"\[(\w+)\]", line)
-        out.append(ConntrackEntry(node, proto, state, mk(tuples[0]), mk(tuples[1]), flags))
-    return out
+        flags = [f for f in re.findall(r"\[(\w+)\]", line) if f not in ("NEW", "UPDATE", "DESTROY")]
+        entry = ConntrackEntry(node, proto, state, mk(tuples[0]), mk(tuples[1]), flags)
+        key = (entry.original.src, entry.original.sport, entry.original.dst, entry.original.dport)
+        if key in flows and not state:
+            entry.state = flows[key].state          # DESTROY lines carry no state
+        flows[key] = entry
+    return list(flows.values())
 
 
 def find_flow(entries: List[ConntrackEntry], src: str, sport: int) -> Optional[ConntrackEntry]:

@@ -212,6 +212,17 @@ def _points(cluster: Cluster, source: Source, target: Target, entry: str) -> Lis
     return pts
 
 
+def _stop(proc: subprocess.Popen) -> str:
+    """End a monitor we started (by its PID) and return what it printed."""
+    proc.terminate()
+    try:
+        out, _ = proc.communicate(timeout=3)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+    return out or ""
+
+
 def run(cluster: Cluster, services, slices, source_spec: str, target_spec: str, *, udp: bool = False,
         http: bool = False, count: int = 1, timeout: float = 2.0, pcap: Optional[str] = None) -> LiveTrace:
     started = time.monotonic()
@@ -233,12 +244,14 @@ def run(cluster: Cluster, services, slices, source_spec: str, target_spec: str, 
         else:
             matches[node.name] = f"ct original ip daddr {{ {', '.join(ep_ips)} }}"
     monitors = {}
+    ct_monitors = {}
     capture = Capture(_points(cluster, source, target, entry))
     try:
         for node in cluster.nodes:
             kernel.nft(node.netns, kernel.trace_table(table, matches[node.name]))
             monitors[node.name] = subprocess.Popen(process.exec_argv(node.netns, ["nft", "monitor", "trace"]),
                                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            ct_monitors[node.name] = kernel.conntrack_events(node.netns, proto)
         capture.start()
         time.sleep(0.15)       # let `nft monitor` subscribe before the first packet
         mode = "udp" if udp else ("http" if http else "tcp")
@@ -249,22 +262,13 @@ def run(cluster: Cluster, services, slices, source_spec: str, target_spec: str, 
             raise KproxyError(f"the probe failed in {source.label}: {res.stderr.strip()[-400:]}")
         probes = json.loads(res.stdout)
         time.sleep(0.1)
-        entry_node = cluster.node(entry)
-        ct = kernel.conntrack(entry_node.netns, entry, proto)
-        for node in cluster.nodes:
-            if node.name != entry:
-                ct += kernel.conntrack(node.netns, node.name, proto)
     finally:
         capture.stop()
-        events = []
-        for name, mon in monitors.items():
-            mon.terminate()
-            try:
-                out, _ = mon.communicate(timeout=3)
-            except subprocess.TimeoutExpired:
-                mon.kill()
-                out, _ = mon.communicate()
-            events += kernel.parse_trace(name, out or "")
+        events, ct = [], []
+        for name in monitors:
+            events += kernel.parse_trace(name, _stop(monitors[name]))
+            if name in ct_monitors:
+                ct += kernel.parse_conntrack(name, proto, _stop(ct_monitors[name]))
         for node in cluster.nodes:
             kernel.delete_table(node.netns, table)
     entry_node = cluster.node(entry)

@@ -125,13 +125,16 @@ def build(t: LiveTrace) -> dict:
     if reject is not None:
         action = "REJECT" if "reject" in reject.text else "DROP"
         verdict = {"action": action, "reason": f"{reject.table} {reject.chain}: {reject.text}"}
-        # the filter rules carry the comment ("ns/svc has no endpoints"): find it by position
-        for line in t.rules.splitlines():
-            if line.startswith(f"-A {reject.chain} ") and t.target.ip in line and \
-                    (f"--dport {t.target.port}" in line) and ("REJECT" in line or "DROP" in line):
-                m = _COMMENT.match(line)
-                if m:
-                    verdict["reason"] = m.group(2) or m.group(3)
+        # the filter rule carries the Kubernetes reason ("ns/svc has no endpoints"); the
+        # trace shows the rule without its comment, so find it in the node's ruleset
+        target = "REJECT" if action == "REJECT" else "DROP"
+        found = [ln for ln in book.lines if ln.startswith(f"-A {reject.chain} ") and f"-j {target}" in ln
+                 and f"--dport {t.target.port}" in ln]
+        found.sort(key=lambda ln: f"-d {t.target.ip}/" not in ln)
+        if found:
+            m = _COMMENT.match(found[0])
+            if m:
+                verdict["reason"] = m.group(2) or m.group(3)
     elif flow_ct is not None and flow_ct.dnat:
         verdict = {"action": "DNAT", "reason": f"{flow_ct.original.dst}:{flow_ct.original.dport} -> "
                                                f"{flow_ct.reply.src}:{flow_ct.reply.sport}"}
