@@ -73,9 +73,11 @@ def main(ctx: click.Context, cluster: str) -> None:
 @click.option("--first-pod-host", type=int, default=2, show_default=True,
               help="Pods get addresses from host .N of their node's subnet up.")
 @click.option("--backend", type=click.Choice(["iptables", "nftables", "ipvs"]), default="iptables", show_default=True)
+@click.option("--iptables", "iptables_flavour", type=click.Choice(["nft", "legacy"]), default="nft", show_default=True,
+              help="iptables-nft (trace shows every rule) or iptables-legacy (faster at thousands of Services).")
 @click.pass_context
 def up(ctx, node_count, node_names, network_mode, pod_cidr, node_subnet_prefix, service_cidr, node_cidr,
-       first_pod_host, backend):
+       first_pod_host, backend, iptables_flavour):
     """Create the cluster: node namespaces, their bridges and routes, the external client.
 
     Example: kproxy up --nodes 3 --network vxlan
@@ -87,7 +89,8 @@ def up(ctx, node_count, node_names, network_mode, pod_cidr, node_subnet_prefix, 
     nodes = list(node_names) if node_names else nodes_from_count(2 if node_count is None else node_count)
     config = ClusterConfig(name=_cluster_name(ctx), nodes=nodes, network_mode=network_mode, pod_cidr=pod_cidr,
                            node_subnet_prefix=node_subnet_prefix, service_cidr=service_cidr,
-                           node_cidr=node_cidr, first_pod_host=first_pod_host, backend=backend)
+                           node_cidr=node_cidr, first_pod_host=first_pod_host, backend=backend,
+                           iptables_flavour=iptables_flavour)
     cluster = Cluster.create(config)
     click.echo(f"cluster {cluster.name} is up: {len(cluster.nodes)} nodes, {network_mode} networking")
     _print_nodes(cluster, wide=True)

@@ -33,6 +33,7 @@ class ClusterConfig:
     node_port_range: str = "30000-32767"
     lb_pool: Optional[str] = "192.168.5.240/28"
     backend: str = "iptables"
+    iptables_flavour: str = "nft"      # iptables-nft (traceable) or iptables-legacy (faster restores)
     vxlan_id: int = 1
     vxlan_port: int = 8472             # flannel's port
 
@@ -86,6 +87,8 @@ class ClusterConfig:
             seen.add(n)
         if self.network_mode not in NETWORK_MODES:
             raise ConfigError(f"network mode {self.network_mode!r} is not one of {', '.join(NETWORK_MODES)}")
+        if self.iptables_flavour not in ("nft", "legacy"):
+            raise ConfigError(f"iptables flavour {self.iptables_flavour!r} is not nft or legacy")
         if self.backend not in BACKENDS:
             raise ConfigError(f"proxy backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
         nets = {}

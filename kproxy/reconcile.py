@@ -20,8 +20,7 @@ from kproxy.cluster import Cluster, Pod
 from kproxy.kernel import iptables, links, process
 from kproxy.model import endpoint_slices_for
 from kproxy.model import objects as o
-from kproxy.proxy.iptables.jumps import all_jump_rules
-from kproxy.proxy.iptables.render import NodeSettings, render
+from kproxy.proxier import fingerprints, proxier_for
 from kproxy.render import replica_pods
 from kproxy.store import Store
 from kproxy.workload import images
@@ -36,7 +35,7 @@ class ConvergeReport:
     pods_created: List[str] = field(default_factory=list)
     pods_deleted: List[str] = field(default_factory=list)
     not_ready: List[str] = field(default_factory=list)
-    nodes_synced: int = 0
+    syncs: Dict[str, str] = field(default_factory=dict)      # node -> "full", "partial" or "none"
     seconds: float = 0.0
 
 
@@ -150,15 +149,6 @@ def model_pod(pod: Pod, spec: o.Pod) -> o.Pod:
 
 # ---- proxier -------------------------------------------------------------------------------
 
-def sync_node_rules(cluster: Cluster, node, services, slices, full: bool) -> None:
-    settings = NodeSettings(node_name=node.name, node_ips=[node.ip], cluster_cidr=cluster.config.pod_cidr)
-    payload = render(services, slices, settings, existing_chains=iptables.service_chains(node.netns))
-    iptables.restore(node.netns, payload)
-    if full:
-        links.write_sysctl(node.netns, "net.ipv4.conf.all.route_localnet", "1")
-        iptables.ensure_jumps(node.netns, all_jump_rules())
-
-
 def announce_load_balancers(cluster: Cluster, services, slices) -> None:
     """Give the outside client a route to each LoadBalancer IP via a node that can serve
     it (with externalTrafficPolicy Local: a node with a local endpoint), as a cloud load
@@ -240,11 +230,10 @@ def converge(cluster: Cluster, store: Store) -> ConvergeReport:
 
     services, slices = _services_and_slices(cluster, objs, wanted)
 
-    full = not cluster.proxy_state.get("synced_once")
+    prints = fingerprints(services, slices)
     for node in cluster.nodes:
-        sync_node_rules(cluster, node, services, slices, full)
-        report.nodes_synced += 1
-    cluster.proxy_state["synced_once"] = True
+        kind = proxier_for(cluster, node).sync(services, slices, prints)
+        report.syncs[node.name] = kind
 
     udp_now = _udp_endpoints(services, slices)
     for vip_port, before in cluster.proxy_state.get("udp_endpoints", {}).items():

@@ -272,11 +272,15 @@ def run(cluster: Cluster, services, slices, source_spec: str, target_spec: str, 
         for node in cluster.nodes:
             kernel.delete_table(node.netns, table)
     entry_node = cluster.node(entry)
-    rules = iptables.save(entry_node.netns, "nat") + iptables.save(entry_node.netns, "filter")
+    flavour = cluster.config.iptables_flavour
+    rules = iptables.save(entry_node.netns, "nat", flavour) + iptables.save(entry_node.netns, "filter", flavour)
     ours = [e for e in ct if (e.original.src == source.ip and sport <= e.original.sport < sport + count)
             or e.original.dst in ep_ips or e.reply.src in ep_ips]
     packets = [p for p in (decode(f) for f in capture.frames) if p is not None and p["proto"] in (proto, "icmp")]
     if pcap:
         write_pcap(capture.frames, pcap)
+    if flavour == "legacy":
+        capture.errors.append("this cluster uses iptables-legacy, whose rules nftables tracing cannot see: "
+                              "`kproxy up --iptables nft` shows every rule the packet met")
     return LiveTrace(source, target, entry, cluster.config.backend, probes, events, ours, packets, rules,
                      capture.errors, pcap, time.monotonic() - started)
