@@ -49,10 +49,6 @@ def bench_kproxy(count: int, nodes: int, mode: str) -> dict:
     finally:
         t1 = time.perf_counter()
         cluster.journal.close()
-        from kproxy import state
-        from cni import netns
-        journal = state.Journal(state.cluster_dir(name))
-        t_ns = time.perf_counter()
         report = clean_cluster(name)
         teardown = time.perf_counter() - t1
     return {"pods": count, "create_s": created, "pods_per_s": count / created, "rss_mib": rss,

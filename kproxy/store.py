@@ -11,7 +11,7 @@ import copy
 import json
 import sqlite3
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from kproxy.alloc import Allocators, AllocationError
 from kproxy.errors import KproxyError

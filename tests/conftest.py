@@ -5,11 +5,27 @@ import os
 import secrets
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 ROOT = os.geteuid() == 0
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _seed_dir() -> Path:
+    """The course manifests (test data, never edited): $KPROXY_SEED, else ../shared beside
+    the repository (as CI lays it out), else the developers' /work/shared."""
+    for candidate in (os.environ.get("KPROXY_SEED"),
+                      os.path.join(os.path.dirname(REPO), "shared", "seed-exercise", "sesiones"),
+                      "/work/shared/seed-exercise/sesiones"):
+        if candidate and os.path.isdir(candidate):
+            return Path(candidate)
+    return Path(os.path.join(os.path.dirname(REPO), "shared", "seed-exercise", "sesiones"))
+
+
+SEED = _seed_dir()
+needs_seed = pytest.mark.skipif(not SEED.is_dir(), reason=f"the course manifests are not at {SEED} (set KPROXY_SEED)")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -27,7 +27,9 @@ pytestmark = [
 ]
 
 GOLDEN = Path(__file__).parent.parent / "unit" / "golden" / "upstream"
-SEED = Path("/work/shared/seed-exercise/sesiones/Sesion4-Kubernetes/Stateful-app")
+from tests.conftest import SEED as _SEED  # noqa: E402
+
+SEED = _SEED / "Sesion4-Kubernetes" / "Stateful-app"
 
 # Upstream's fake proxier, minus the nfacct matches (a restore naming a missing nfacct
 # object fails) and with --random-fully (iptables >= 1.6.2 has it).

@@ -2,23 +2,17 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
 
 from kproxy.model import load
 from kproxy.reconcile import converge, open_store
-from tests.conftest import kproxy_cli, unique
+from tests.conftest import SEED, kproxy_cli
 
 pytestmark = pytest.mark.root
-SEED = Path(__file__).resolve().parents[3] / "shared" / "seed-exercise" / "sesiones"
-if not SEED.exists():
-    SEED = Path(os.environ.get("KPROXY_SEED", "/work/shared/seed-exercise/sesiones"))
 
 # N fresh connections to ip:port; prints {"pods": {...}, "clients": [...], "errors": [...]}
 PROBE = textwrap.dedent("""

@@ -3,7 +3,6 @@ controller as a pure function."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 
@@ -401,7 +400,7 @@ spec: {clusterIP: 10.96.0.30, selector: {app: big}, ports: [{port: 80}]}
     assert len({s.name for s in slices_}) == 3
 
 
-SEED = Path("/work/shared/seed-exercise/sesiones")
+from tests.conftest import SEED  # noqa: E402
 
 
 @pytest.mark.skipif(not SEED.is_dir(), reason="seed exercise not available")

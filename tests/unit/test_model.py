@@ -12,7 +12,7 @@ from kproxy.model import (Deployment, EndpointSlice, Endpoints, ManifestError, N
                           NotEmulated, Pod, Service, load, loads)
 from kproxy.model.objects import SERVICE_NAME_LABEL
 
-SEED = Path("/work/shared/seed-exercise/sesiones")
+from tests.conftest import SEED  # noqa: E402
 needs_seed = pytest.mark.skipif(not SEED.is_dir(), reason="seed exercise not available")
 
 # What every seed file loads as (kind + namespace/name), from the seed README's index.

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-SEED = Path("/work/shared/seed-exercise/sesiones")
+from tests.conftest import SEED  # noqa: E402
 EJERCICIO1 = SEED / "Sesion4-Kubernetes" / "Ejercicios" / "Ejercicio1"
 HELM_EJERCICIO1 = SEED / "Sesion15-Introducción a Helm" / "Ejercicio1"
 STATEFUL = SEED / "Sesion4-Kubernetes" / "Stateful-app"

@@ -9,7 +9,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-from pathlib import Path
 
 import pytest
 import yaml
@@ -19,7 +18,7 @@ from kproxy.model import loads
 from kproxy.model import objects as o
 from kproxy.render import resolve_manifests
 
-SEED = Path("/work/shared/seed-exercise/sesiones")
+from tests.conftest import SEED  # noqa: E402
 STATEFUL = SEED / "Sesion4-Kubernetes" / "Stateful-app"
 POOL = "192.168.5.240/28"
 

@@ -23,7 +23,7 @@ from kproxy.workload.images import (Listener, image_name, listeners_for, lookup,
                                     runs_command)
 from kproxy.workload.server import server_argv
 
-SEED = pathlib.Path("/work/shared/seed-exercise/sesiones")
+from tests.conftest import SEED  # noqa: E402
 LOCAL = "127.0.0.1"
 
 
