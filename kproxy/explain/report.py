@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Dict, List, Optional
@@ -73,12 +74,10 @@ class Candidate:
     chains: List[str] = field(default_factory=list)   # chain path from the entry chain to the DNAT
     hops: List[Hop] = field(default_factory=list)     # this candidate's hops after the common ones
     masquerade: bool = False
-    chosen: Optional[bool] = None                     # live trace only: the endpoint the kernel picked
 
     def to_dict(self) -> Dict[str, Any]:
         return {"endpoint": self.endpoint, "probability": self.probability, "chains": list(self.chains),
-                "hops": [h.to_dict() for h in self.hops], "masquerade": self.masquerade,
-                "chosen": self.chosen}
+                "hops": [h.to_dict() for h in self.hops], "masquerade": self.masquerade}
 
 
 @dataclass
@@ -119,8 +118,6 @@ class Report:
     source: str
     affinity: Optional[Affinity] = None
     notes: List[str] = field(default_factory=list)
-    conntrack: Optional[Dict[str, Any]] = None        # live trace only
-    captures: Optional[List[Dict[str, Any]]] = None   # live trace only
 
     def to_dict(self) -> Dict[str, Any]:
         return {
@@ -134,12 +131,12 @@ class Report:
             "verdict": self.verdict.to_dict(),
             "affinity": self.affinity.to_dict() if self.affinity else None,
             "notes": list(self.notes),
-            "conntrack": self.conntrack,
-            "captures": self.captures,
         }
 
-    def text(self, color: bool = False) -> str:
-        return render_text(self, color)
+    def text(self, color: bool = False, verbose: bool = False) -> str:
+        """The report for people: one line per hop (``verbose``: with each rule's full
+        text, and every candidate's own hops), the candidates, masquerade, verdict."""
+        return render_text(self, color, verbose)
 
 
 # ---------------------------------------------------------------------------------- text
@@ -169,15 +166,32 @@ def _percent(p: float) -> str:
     return f"{text} ({frac})" if frac else text
 
 
-def _hop_lines(hops: List[Hop], color: bool, indent: str) -> List[str]:
+_COMMENT = re.compile(r'(?:--comment|(?<!-m )(?<![-\w])comment) (?:"((?:\\.|[^"\\])*)"|(\S+))')
+
+
+def rule_label(rule: str, width: int = 90) -> str:
+    """A rule in a few words: its comment when it has one, else the rule, shortened."""
+    m = _COMMENT.search(rule)
+    if m:
+        return f'"{m.group(1) if m.group(1) is not None else m.group(2)}"'
+    return rule if len(rule) <= width else rule[: width - 3] + "..."
+
+
+def _hop_lines(hops: List[Hop], color: bool, indent: str, verbose: bool) -> List[str]:
     lines = []
+    wt = max((len(h.table) for h in hops), default=0)
+    wc = min(max((len(h.chain) for h in hops), default=0), 40)
     for h in hops:
-        where = f"{h.table} {h.chain}"
         verdict = _paint(h.verdict, _verdict_style(h.verdict), color)
-        lines.append(f"{indent}{_paint(where, 'cyan', color)}: {verdict}")
-        lines.append(f"{indent}    {_paint(h.rule, 'dim', color)}")
-        if h.note:
-            lines.append(f"{indent}    ({h.note})")
+        where = f"{h.table.ljust(wt)} {h.chain.ljust(wc)}"
+        if verbose:
+            lines.append(f"{indent}{_paint(where, 'cyan', color)}  {verdict}")
+            lines.append(f"{indent}    {_paint(h.rule, 'dim', color)}")
+            if h.note:
+                lines.append(f"{indent}    ({h.note})")
+        else:
+            label = "" if h.rule.startswith("policy ") else "  " + _paint(rule_label(h.rule), "dim", color)
+            lines.append(f"{indent}{_paint(where, 'cyan', color)}  {verdict}{label}")
     return lines
 
 
@@ -192,13 +206,13 @@ def _verdict_style(verdict: str) -> str:
     return "blue"
 
 
-def render_text(r: Report, color: bool = False) -> str:
+def render_text(r: Report, color: bool = False, verbose: bool = False) -> str:
     f = r.flow
     out: List[str] = []
     where = f" on node {f.node}" if f.node else ""
     origin = "the node itself" if f.from_node else "a pod or an outside client"
     out.append(_paint(f"explain {f.proto} {f.src} -> {f.dst}:{f.dport}{where}", "bold", color))
-    out.append(f"  from {origin}; rules: {r.source}; walk starts at {f.entry}")
+    out.append(f"  from {origin}; rules: {r.source}; the walk starts at {f.entry}")
     if r.service:
         addr = f" ({r.service.address})" if r.service.address else ""
         out.append(f"  service: {_paint(r.service.port_name, 'bold', color)}{addr}")
@@ -207,19 +221,18 @@ def render_text(r: Report, color: bool = False) -> str:
     if r.hops:
         out.append("")
         out.append(_paint("path", "bold", color))
-        out += _hop_lines(r.hops, color, "  ")
+        out += _hop_lines(r.hops, color, "  ", verbose)
     if r.candidates:
         out.append("")
         out.append(_paint(f"candidates ({len(r.candidates)})", "bold", color))
         width = max(len(c.endpoint) for c in r.candidates)
+        some = any(c.masquerade for c in r.candidates) and not all(c.masquerade for c in r.candidates)
         for c in r.candidates:
-            masq = "  masquerade" if c.masquerade and not r.masquerade.applied else ""
-            if c.masquerade and r.masquerade.applied and not all(x.masquerade for x in r.candidates):
-                masq = "  masquerade"
-            out.append(f"  {_paint(c.endpoint.ljust(width), 'green', color)}  {_percent(c.probability):>18}"
+            masq = "  (masqueraded)" if some and c.masquerade else ""
+            out.append(f"  {_paint(c.endpoint.ljust(width), 'green', color)}  {_percent(c.probability):>15}"
                        f"  {' > '.join(c.chains)}{masq}")
-            if c.hops and len(r.candidates) <= 8:
-                out += _hop_lines(c.hops, color, "      ")
+            if c.hops and (verbose or len(r.candidates) == 1):
+                out += _hop_lines(c.hops, color, "      ", verbose)
     if r.affinity:
         out.append("")
         out.append(f"{_paint('affinity', 'bold', color)}: {r.affinity.note}")
