@@ -499,5 +499,73 @@ def render(backend, files, node_name, node_ip, cluster_cidr, service_cidr, node_
     click.echo(payload, nl=not payload.endswith("\n"))
 
 
+# ---- explain (no cluster, no root, sends nothing) -------------------------------------------
+
+@main.command()
+@click.option("-f", "--filename", "files", multiple=True,
+              help="Manifests to render the node's rules from (as `kproxy render`); repeatable.")
+@click.option("--rules", "rules_file", type=click.Path(dir_okay=False, allow_dash=True),
+              help="A ruleset saved from a node: iptables-save output, nft list ruleset (text or -j JSON).")
+@click.option("--from", "src", required=True,
+              help="Source: an IP, `node`, `external`, or (with -f) a Pod name [NS/]POD.")
+@click.option("--to", "dst", required=True,
+              help="Destination: IP:PORT, [IPv6]:PORT, node:PORT, or (with -f) a Service [NS/]SVC[:PORT].")
+@click.option("-p", "--protocol", type=click.Choice(["tcp", "udp", "sctp"]), default=None,
+              help="[default: the Service port's, else tcp]")
+@click.option("--udp", "udp", is_flag=True, help="Same as -p udp.")
+@click.option("--node", "--node-name", "node", default=None,
+              help="The node whose rules these are. [default with -f: node-1]")
+@click.option("--node-ip", "node_ips", multiple=True,
+              help="The node's addresses (what addrtype LOCAL matches); repeatable. [default with -f: 192.168.5.11]")
+@click.option("--cluster-cidr", default=None, help="The pod network. [default with -f: 10.244.0.0/16; "
+                                                 "with --rules: read from the rules]")
+@click.option("--service-cidr", default="10.96.0.0/12", show_default=True, help="With -f: where ClusterIPs come from.")
+@click.option("--node-port-range", default="30000-32767", show_default=True)
+@click.option("--lb-pool", "lb_pools", multiple=True, help="With -f: LoadBalancer addresses (as `kproxy render`).")
+@click.option("--validate/--no-validate", default=True, show_default=True)
+@click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@click.option("--color/--no-color", default=None, help="[default: when stdout is a terminal]")
+@click.option("-v", "--verbose", is_flag=True, help="Show every rule in full, and each candidate's own hops.")
+def explain(files, rules_file, src, dst, protocol, udp, node, node_ips, cluster_cidr, service_cidr,
+            node_port_range, lb_pools, validate, output, color, verbose):
+    """Explain where a packet to a Service goes on one node, offline (no root, sends nothing).
+
+    Walks a NEW packet through kube-proxy's rules and prints every endpoint it can be
+    DNATed to with its probability, the chains and rules on the way, whether it is
+    masqueraded and why, and the verdict. The rules are rendered from manifests (-f)
+    or read from a file saved on a node (--rules). JSON schema: kproxy/explain/schema.md.
+
+    \b
+    Examples:
+      kproxy explain -f sesiones/Sesion4-Kubernetes/Ejercicios/Ejercicio1 --from busybox --to store-products:80
+      kproxy explain --rules node1.iptables-save --node-ip 192.168.5.11 --from 10.244.1.5 --to 10.96.0.10:53 --udp
+      kproxy explain --rules node1.nft --from external --to node:30080 -o json
+    """
+    from kproxy.alloc import AllocationError
+    from kproxy.explain import inputs
+    from kproxy.model import ManifestError
+    if bool(files) == bool(rules_file):
+        raise click.UsageError("give manifests (-f) or a saved ruleset (--rules), one of them")
+    proto = "udp" if udp else protocol
+    try:
+        if files:
+            inp = inputs.from_manifests(files, node or "node-1", list(node_ips) or ["192.168.5.11"],
+                                        cluster_cidr or "10.244.0.0/16", service_cidr, node_port_range,
+                                        ",".join(lb_pools) or None, validate,
+                                        stdin=sys.stdin if "-" in files else None)
+        else:
+            with click.open_file(rules_file) as fh:
+                inp = inputs.from_file(fh.read(), node, list(node_ips), cluster_cidr)
+        report = inputs.explain_inputs(inp, src, dst, proto)
+    except (ManifestError, AllocationError, ValueError, OSError) as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)
+    if output == "json":
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        use_color = sys.stdout.isatty() if color is None else color
+        click.echo(report.text(color=use_color, verbose=verbose), nl=False, color=use_color)
+
+
 if __name__ == "__main__":
     main()
