@@ -66,7 +66,7 @@ def output(report) -> str:
 
 
 def summary(report) -> tuple:
-    return (tuple((c.endpoint, c.probability, tuple(c.chains[-1:]) and c.masquerade) for c in report.candidates),
+    return (tuple((c.endpoint, c.probability, c.masquerade) for c in report.candidates),
             report.verdict.action, report.verdict.reason, report.masquerade.applied,
             report.service.to_dict() if report.service else None)
 
