@@ -363,3 +363,30 @@ def test_iptables_legacy_flavour(make_cluster, tmp_path):
         assert "ConnectionRefused" in refused["errors"][0]
     finally:
         lab.store.close()
+
+
+def test_load_balancer_source_ranges(lab):
+    ext = lab.c.config.external_ip()
+    lab.apply(deployment("fw", 1) + service("fw", 80, type_="LoadBalancer",
+                                            extra=f"  loadBalancerSourceRanges: [{ext}/32]"))
+    lb = lab.svc("fw").load_balancer_ingress[0].ip
+    assert not probe(lab.c, lab.c.external_ns, lb, 80)["errors"]
+    assert "KUBE-FW-" in lab.rules()
+    lab.apply(deployment("fw", 1) + service("fw", 80, type_="LoadBalancer",
+                                            extra="  loadBalancerSourceRanges: [203.0.113.0/24]"))
+    out = probe(lab.c, lab.c.external_ns, lb, 80, timeout=1.0)
+    assert out["errors"] and "timed out" in out["errors"][0], "a source outside the ranges is dropped"
+    assert "traffic not accepted by KUBE-FW" in lab.rules(table="filter")
+
+
+def test_internal_traffic_policy_local(lab):
+    lab.apply(deployment("itp", 1) + service("itp", 80, extra="  internalTrafficPolicy: Local"))
+    [pod] = [p for p in lab.c.pods.values() if p.name.startswith("itp-")]
+    vip = lab.svc("itp").cluster_ip
+    near = lab.c.add_pod("near", node=pod.node)
+    assert not probe(lab.c, near.netns, vip, 80)["errors"]
+    far_node = next(n.name for n in lab.c.nodes if n.name != pod.node)
+    far = lab.c.add_pod("far", node=far_node)
+    out = probe(lab.c, far.netns, vip, 80, timeout=1.0)
+    assert out["errors"] and "timed out" in out["errors"][0], "no local endpoint: dropped"
+    assert "default/itp has no local endpoints" in lab.rules(node=far_node, table="filter")
