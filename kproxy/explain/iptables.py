@@ -27,6 +27,7 @@ INDEX_MIN_RULES = 32
 _TOKEN = re.compile(r'"((?:\\.|[^"\\])*)"|(\S+)')
 _QUOTED = re.compile(r'"(?:\\.|[^"\\])*"')
 _DST = re.compile(r'(?:^|\s)(!\s+)?(?:-d|--destination)\s+(\S+)')
+_DPORT = re.compile(r'(?:^|\s)(!\s+)?(?:--dport|--destination-port)\s+(\S+)')
 _PROTO_NUMBERS = {"6": "tcp", "17": "udp", "132": "sctp", "1": "icmp", "58": "ipv6-icmp"}
 
 # Match modules whose options explain understands, and ones that always match a NEW packet.
@@ -218,43 +219,56 @@ class Chain:
             r = self._rules[i] = parse_rule(self.name, i + 1, self.lines[i])
         return r
 
-    def positions(self, dst) -> List[int]:
-        """The indexes of the rules that can match a packet to ``dst``, in order."""
+    def positions(self, dst, dport: int) -> List[int]:
+        """The indexes of the rules that can match a packet to ``dst:dport``, in order."""
         if len(self.lines) < INDEX_MIN_RULES:
             return list(range(len(self.lines)))
         if self._index is None:
             self._build_index()
-        key = str(dst)
+        key = f"{dst} {dport}"
         hit = self._cache.get(key)
         if hit is None:
-            exact = self._index.get(key, [])
+            exact = self._index.get(str(dst), []) + self._index.get(f":{dport}", [])
             hit = self._cache[key] = sorted(exact + self._wild) if exact else self._wild
         return hit
 
     def _build_index(self) -> None:
+        """Rules with a plain ``-d ADDRESS`` go under the address, rules without ``-d``
+        but with a plain ``--dport N`` under ``:N`` (KUBE-NODEPORTS), the rest are looked
+        at for every packet."""
         index: Dict[str, List[int]] = {}
         wild: List[int] = []
         for i, line in enumerate(self.lines):
             bare = _QUOTED.sub('""', line) if '"' in line else line
-            found = _DST.findall(bare)
-            if len(found) != 1 or found[0][0]:
+            key = _dst_key(bare)
+            if key is None and not _DST.search(bare):
+                key = _dport_key(bare)
+            if key is None:
                 wild.append(i)
-                continue
-            addr = found[0][1]
-            if "," in addr:
-                wild.append(i)
-                continue
-            host, _, plen = addr.partition("/")
-            try:
-                a = w.ip(host)
-            except ValueError:
-                wild.append(i)
-                continue
-            if plen and int(plen) != a.max_prefixlen:
-                wild.append(i)
-                continue
-            index.setdefault(str(a), []).append(i)
+            else:
+                index.setdefault(key, []).append(i)
         self._index, self._wild = index, wild
+
+
+def _dst_key(line: str) -> Optional[str]:
+    found = _DST.findall(line)
+    if len(found) != 1 or found[0][0] or "," in found[0][1]:
+        return None
+    host, _, plen = found[0][1].partition("/")
+    try:
+        a = w.ip(host)
+    except ValueError:
+        return None
+    if plen and int(plen) != a.max_prefixlen:
+        return None
+    return str(a)
+
+
+def _dport_key(line: str) -> Optional[str]:
+    found = _DPORT.findall(line)
+    if len(found) != 1 or found[0][0] or not found[0][1].isdigit():
+        return None
+    return f":{int(found[0][1])}"
 
 
 class Table:
@@ -517,7 +531,7 @@ class _Walker:
     def run(self, chain: Chain, p: w.Packet, depth: int) -> List[Tuple[w.Packet, str]]:
         """Walk ``chain`` from its first rule. Outcomes: ACCEPT, DROP, REJECT, NAT (the
         nat table is done), RETURN / END (back to the caller)."""
-        return self._from(chain, chain.positions(p.dst), 0, p, depth)
+        return self._from(chain, chain.positions(p.dst, p.dport), 0, p, depth)
 
     def _from(self, chain: Chain, positions: List[int], k: int, p: w.Packet, depth: int):
         while k < len(positions):
