@@ -16,7 +16,8 @@ from typing import Dict, List, Optional, Set
 from kproxy.errors import KernelError
 from kproxy.kernel import iptables, links
 from kproxy.model import objects as o
-from kproxy.proxy.iptables.jumps import all_jump_rules
+from kproxy.proxy.iptables import names
+from kproxy.proxy.iptables.jumps import CLEANUP_CHAINS, JUMP_RULES, all_jump_rules
 from kproxy.proxy.iptables.render import NodeSettings, render_payload
 
 
@@ -77,6 +78,23 @@ class IptablesProxier:
         self.state["active_chains"] = sorted(payload.active_nat_chains)
         self.state["synced"] = True
         return "full" if changed is None else "partial"
+
+
+    def cleanup(self) -> None:
+        """Upstream's CleanupLeftovers: the jump rules, then kube-proxy's chains in both
+        tables (kubelet's KUBE-FIREWALL stays), in one restore."""
+        ns = self.node.netns
+        iptables.remove_jumps(ns, JUMP_RULES, self.flavour)
+        present = {t: {ln[1:].split()[0] for ln in iptables.save(ns, t, self.flavour).splitlines()
+                       if ln.startswith(":")} for t in ("filter", "nat")}
+        lines = []
+        for table in ("filter", "nat"):
+            chains = [c for c in CLEANUP_CHAINS[table] if c in present[table]]
+            if table == "nat":
+                chains += sorted(c for c in present[table] if names.is_service_chain(c))
+            lines += [f"*{table}"] + [f":{c} - [0:0]" for c in chains] + [f"-X {c}" for c in chains] + ["COMMIT"]
+        iptables.restore(ns, "\n".join(lines) + "\n", self.flavour)
+        self.cluster.proxy_state.get("nodes", {}).pop(self.node.name, None)
 
 
 def proxier_for(cluster, node):

@@ -56,6 +56,14 @@ def ensure_jumps(ns: str, rules: Iterable, flavour: str = "nft") -> int:
     return added
 
 
+def remove_jumps(ns: str, rules: Iterable, flavour: str = "nft") -> None:
+    """Delete the jump rules from the built-in chains (every copy of each)."""
+    ipt = _tool("iptables", flavour)
+    for rule in rules:
+        while _run(ns, [ipt, "-w", "5", *rule.delete_argv()]).returncode == 0:
+            pass
+
+
 def save(ns: str, table: str | None = None, flavour: str = "nft") -> str:
     argv = [_tool("iptables-save", flavour)] + (["-t", table] if table else [])
     res = _run(ns, argv)

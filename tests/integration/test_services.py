@@ -390,3 +390,13 @@ def test_internal_traffic_policy_local(lab):
     out = probe(lab.c, far.netns, vip, 80, timeout=1.0)
     assert out["errors"] and "timed out" in out["errors"][0], "no local endpoint: dropped"
     assert "default/itp has no local endpoints" in lab.rules(node=far_node, table="filter")
+
+
+def test_iptables_cleanup_leaves_no_kube_chains(lab):
+    from kproxy.proxier import IptablesProxier
+    lab.apply(deployment("cl", 2) + service("cl", 80, type_="NodePort"))
+    node = lab.c.node("node1")
+    IptablesProxier(lab.c, node).cleanup()
+    for table in ("nat", "filter"):
+        left = [ln for ln in lab.rules(table=table).splitlines() if "KUBE-" in ln and "KUBE-FIREWALL" not in ln]
+        assert left == [], left
