@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 from kproxy.explain import walk as w
-from kproxy.explain.report import Hop, ServiceRef
+from kproxy.explain.report import Hop
 from kproxy.proxy.iptables.jumps import all_jump_rules
 
 BUILTIN = {"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"}

@@ -63,7 +63,8 @@ def parse_ruleset(text: str):
     if fmt == "iptables":
         from kproxy.explain.iptables import IptablesRuleset
         return IptablesRuleset(text)
-    from kproxy.explain import nft
     if fmt == "nft-json":
-        return nft.parse_json(text)
-    return nft.parse_text(text)
+        from kproxy.explain.nftjson import parse_json
+        return parse_json(text)
+    from kproxy.explain.nft import parse_text
+    return parse_text(text)

@@ -102,6 +102,7 @@ class Packet:
         self.service: Optional[ServiceRef] = None
         self.kube_rule_seen = False                             # a kube-proxy Service rule matched
         self.local_policy = False                               # went through an eTP/iTP Local chain
+        self.nat_done: frozenset = frozenset()                  # nft hooks where a nat chain already NATed
 
     def fork(self, p: float) -> "Packet":
         c = Packet.__new__(Packet)
@@ -252,7 +253,7 @@ def build_report(flow: Flow, branches: List[Packet], walk: Walk, source: str) ->
             reason = f"only when {eps} is chosen: {reason}"
         masquerade = Masquerade(True, reason)
     else:
-        ref = max(branches, key=lambda b: b.prob) if branches else None
+        ref = max(delivered or branches, key=lambda b: b.prob) if branches else None
         masquerade = Masquerade(False, _no_masq_reason(ref, walk) if ref else "no packet")
 
     # verdict
