@@ -402,3 +402,47 @@ COMMIT
     r = explain(text, POD, "tcp", "10.0.2.50", 80, NODE_IPS)
     assert r.verdict.action == "DROP" and r.verdict.reason == "policy DROP of filter FORWARD"
     assert any("-m physdev" in n and "assumed not to match" in n for n in r.notes)
+
+
+def _kind_like_node() -> str:
+    """flows' iptables-save with what else a kind node has in nat: Docker's embedded DNS
+    DNAT and kind-masq-agent (RETURN for the pod network, MASQUERADE for the rest), and a
+    FORWARD policy DROP with an ACCEPT for the pod network."""
+    text = saved("flows")
+    text = text.replace(":FORWARD ACCEPT [0:0]", ":FORWARD DROP [0:0]")
+    text = text.replace('-A FORWARD -m conntrack --ctstate NEW -m comment --comment "kubernetes externally-visible '
+                        'service portals" -j KUBE-EXTERNAL-SERVICES\n',
+                        '-A FORWARD -m conntrack --ctstate NEW -m comment --comment "kubernetes externally-visible '
+                        'service portals" -j KUBE-EXTERNAL-SERVICES\n-A FORWARD -d 10.0.0.0/8 -j ACCEPT\n')
+    nat_chains = ":DOCKER_OUTPUT - [0:0]\n:KIND-MASQ-AGENT - [0:0]\n"
+    text = text.replace(":POSTROUTING ACCEPT [0:0]\n", ":POSTROUTING ACCEPT [0:0]\n" + nat_chains)
+    text = text.replace(
+        '-A POSTROUTING -m comment --comment "kubernetes postrouting rules" -j KUBE-POSTROUTING\n',
+        '-A POSTROUTING -m comment --comment "kubernetes postrouting rules" -j KUBE-POSTROUTING\n'
+        '-A POSTROUTING -m addrtype ! --dst-type LOCAL -m comment --comment "kind-masq-agent: ensure nat '
+        'POSTROUTING directs relevant traffic to the kind-masq-agent chain" -j KIND-MASQ-AGENT\n'
+        '-A PREROUTING -d 172.18.0.1/32 -j DOCKER_OUTPUT\n'
+        '-A DOCKER_OUTPUT -d 172.18.0.1/32 -p tcp -m tcp --dport 53 -j DNAT --to-destination 127.0.0.11:41017\n'
+        '-A KIND-MASQ-AGENT -d 10.0.0.0/8 -m comment --comment "kind-masq-agent: local traffic is not subject '
+        'to MASQUERADE" -j RETURN\n'
+        '-A KIND-MASQ-AGENT -m comment --comment "kind-masq-agent: outbound traffic is subject to MASQUERADE '
+        '(must be last in chain)" -j MASQUERADE\n')
+    return text
+
+
+def test_other_rules_on_a_real_node_are_walked_too():
+    rs = parse_ruleset(_kind_like_node())
+    run_flows(rs, [
+        ("pod to ClusterIP: kind-masq-agent RETURNs for the pod network", POD, "tcp", "172.30.1.3", 80, CASCADE,
+         False),
+        ("outside to NodePort", EXTERNAL_CLIENT, "tcp", TEST_NODE_IP, 30080, NP, True),
+        ("no endpoints", POD, "tcp", "172.30.1.7", 80, "REJECT", False),
+    ])
+    r = explain(rs, POD, "tcp", "8.8.8.8", 443, NODE_IPS)
+    assert r.verdict.action == "DROP" and r.verdict.reason == "policy DROP of filter FORWARD"
+    r = explain(rs, POD, "tcp", "172.18.0.1", 53, NODE_IPS)
+    assert [c.endpoint for c in r.candidates] == ["127.0.0.11:41017"] and r.service is None
+    assert r.candidates[0].chains == ["PREROUTING", "DOCKER_OUTPUT"]
+    r = explain(rs, POD, "tcp", "10.0.2.50", 80, NODE_IPS)
+    assert r.verdict.action == "ACCEPT" and not r.masquerade.applied
+    assert not [n for n in r.notes if "cannot evaluate" in n]
