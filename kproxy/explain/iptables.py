@@ -301,7 +301,16 @@ class IptablesRuleset:
 
     def _parse(self, text: str) -> None:
         table: Optional[Table] = None
+        chains: Dict[str, Chain] = {}
         for raw in text.splitlines():
+            if raw.startswith("-A ") and table is not None:     # the fast path: most lines are rules
+                sp = raw.find(" ", 3)
+                name = raw[3:sp] if sp > 0 else raw[3:]
+                c = chains.get(name)
+                if c is None:
+                    c = table.chain(name, create=True)
+                c.lines.append(raw)
+                continue
             line = raw.strip()
             if not line or line[0] == "#":
                 continue
@@ -310,6 +319,7 @@ class IptablesRuleset:
                 line = line[end + 1:].lstrip()
             if line[0] == "*":
                 table = self.tables.setdefault(line[1:].strip(), Table(line[1:].strip()))
+                chains = table.chains
                 continue
             if table is None:
                 raise ValueError(f"iptables rules must start with a table (*nat, *filter): {raw!r}")
