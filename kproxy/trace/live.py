@@ -98,6 +98,8 @@ class LiveTrace:
     conntrack: List[kernel.ConntrackEntry]
     packets: List[dict]
     rules: str                                   # iptables-save of the entry node (nat + filter)
+    entry_ip: str = ""
+    cluster_cidr: Optional[str] = None
     capture_errors: List[str] = field(default_factory=list)
     pcap: Optional[str] = None
     seconds: float = 0.0
@@ -283,4 +285,4 @@ def run(cluster: Cluster, services, slices, source_spec: str, target_spec: str, 
         capture.errors.append("this cluster uses iptables-legacy, whose rules nftables tracing cannot see: "
                               "`kproxy up --iptables nft` shows every rule the packet met")
     return LiveTrace(source, target, entry, cluster.config.backend, probes, events, ours, packets, rules,
-                     capture.errors, pcap, time.monotonic() - started)
+                     entry_node.ip, cluster.config.pod_cidr, capture.errors, pcap, time.monotonic() - started)

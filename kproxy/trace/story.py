@@ -3,32 +3,30 @@
 The JSON shares its core keys with `kproxy explain` (flow, service, hops, candidates,
 masquerade, verdict, source); a live trace adds what only the kernel can tell: the
 packets seen on each hop, the conntrack entries, the trace events of every packet, and
-what the client got back.  See docs/trace-schema.md.
+what the client got back.  See kproxy/explain/schema.md.
 """
 from __future__ import annotations
 
 import re
 from typing import Dict, List, Optional
 
+from kproxy.explain import explain
 from kproxy.trace.kernel import ConntrackEntry, TraceEvent
 from kproxy.trace.live import LiveTrace
 
 _COMMENT = re.compile(r'^-A (\S+) .*?--comment (?:"([^"]*)"|(\S+))')
 _DNAT = re.compile(r"--to-destination (\S+)")
-_PROB = re.compile(r"--probability (\S+)")
-_JUMP = re.compile(r"-j (\S+)")
 _NAT_CHAINS = ("PREROUTING", "OUTPUT", "POSTROUTING", "INPUT")
 
 
 class RuleBook:
-    """What iptables-save of the node says about kube-proxy's chains: comments, DNAT
-    targets and the probability cascade of each dispatch chain."""
+    """What iptables-save of the node says about kube-proxy's chains: the comments
+    (Kubernetes names) and DNAT targets that the trace events do not print."""
 
     def __init__(self, rules: str):
         self.lines = [ln for ln in rules.splitlines() if ln.startswith("-A ")]
         self.comments: Dict[str, str] = {}
         self.dnat: Dict[str, str] = {}
-        self.dispatch: Dict[str, List[tuple]] = {}     # KUBE-SVC-x -> [(probability or None, KUBE-SEP-y)]
         for line in rules.splitlines():
             m = _COMMENT.match(line)
             chain = line.split()[1] if line.startswith("-A ") else None
@@ -38,11 +36,6 @@ class RuleBook:
                 d = _DNAT.search(line)
                 if d:
                     self.dnat[chain] = d.group(1)
-            if chain and chain.startswith(("KUBE-SVC-", "KUBE-SVL-")):
-                j = _JUMP.search(line)
-                if j and j.group(1).startswith("KUBE-SEP-") and "--rcheck" not in line:
-                    p = _PROB.search(line)
-                    self.dispatch.setdefault(chain, []).append((float(p.group(1)) if p else None, j.group(1)))
 
     def comment_of(self, chain: str, target: str, dst: str = "") -> str:
         """The comment of the rule in ``chain`` that jumps to ``target`` (preferring one
@@ -57,15 +50,6 @@ class RuleBook:
                 return text
             best = best or text
         return best
-
-    def candidates(self, chain: str) -> List[dict]:
-        out, remaining = [], 1.0
-        for prob, sep in self.dispatch.get(chain, []):
-            p = remaining * (prob if prob is not None else 1.0)
-            out.append({"endpoint": self.dnat.get(sep, "?"), "probability": round(p, 6),
-                        "rule_probability": prob, "chains": [chain, sep]})
-            remaining -= p
-        return out
 
 
 def _by_packet(events: List[TraceEvent]) -> List[List[TraceEvent]]:
@@ -105,8 +89,10 @@ def build(t: LiveTrace) -> dict:
     rules = _first_packet_rules(t)
     chosen_sep = next((e.verdict.split()[-1] for e in rules if e.verdict.endswith(tuple(book.dnat)) and
                        "KUBE-SEP-" in e.verdict), None)
-    dispatch = next((e.chain for e in rules if e.chain.startswith(("KUBE-SVC-", "KUBE-SVL-"))), None)
-    candidates = book.candidates(dispatch) if dispatch else []
+    # what could have happened, from the same rules walked offline (kproxy explain)
+    expected = explain(t.rules, t.source.ip, t.target.proto.lower(), t.target.ip, t.target.port,
+                       node_ips=[t.entry_ip], cluster_cidr=t.cluster_cidr, node=t.entry_node).to_dict()
+    candidates = expected["candidates"]
     masq_rule = next((e for e in rules if e.verdict.endswith("KUBE-MARK-MASQ")), None)
     masq_reason = ""
     if masq_rule is not None:
@@ -160,6 +146,7 @@ def build(t: LiveTrace) -> dict:
                               if e.verdict.startswith(("jump", "goto")) else "")}
                  for e in rules],
         "candidates": candidates,
+        "expected": {"verdict": expected["verdict"], "masquerade": expected["masquerade"]},
         "chosen": ({"chain": chosen_sep, "endpoint": book.dnat.get(chosen_sep)} if chosen_sep else None),
         "masquerade": {"applied": bool(flow_ct and flow_ct.snat) or masq_rule is not None,
                        "reason": masq_reason or ("" if not (flow_ct and flow_ct.snat) else "SNAT seen in conntrack")},
@@ -262,12 +249,11 @@ def text(report: dict, color: bool = False) -> str:
     if report["candidates"]:
         n += 1
         chosen = (report.get("chosen") or {}).get("endpoint")
-        out.append(f"{n}. Endpoint choice ({len(report['candidates'])} endpoints, iptables statistic cascade):")
+        out.append(f"{n}. Endpoint choice: {len(report['candidates'])} candidates; rule i of the cascade is "
+                   "taken with 1/(n-i), so each new connection picks:")
         for c in report["candidates"]:
-            rp = c["rule_probability"]
-            rule = f"rule probability {rp:.4f}" if rp is not None else "last rule, no condition"
             mark = "  <- chosen" if c["endpoint"] == chosen else ""
-            out.append(f"     {c['endpoint']:<22} overall {c['probability']:.3f} ({rule}){mark}")
+            out.append(f"     {c['endpoint']:<22} probability {c['probability']:.3f}  via {' -> '.join(c['chains'][-2:])}{mark}")
     n += 1
     if report["trap"]:
         out.append(f"{n}. {y('TRAP: ' + report['trap']['before'] + ' -> ' + report['trap']['after'])}"
