@@ -163,6 +163,17 @@ def build(t: LiveTrace) -> dict:
         "capture_errors": t.capture_errors,
         "seconds": round(t.seconds, 3),
     }
+    # the keys a live trace shares with `kproxy explain` (kproxy/explain/schema.md)
+    report["schema_version"] = expected["schema_version"]
+    report["affinity"] = expected["affinity"]
+    report["notes"] = expected["notes"]
+    for key in ("from_node", "node_ips", "cluster_cidr", "entry"):
+        report["flow"][key] = expected["flow"][key]
+    if report["service"] is not None:
+        report["service"]["port"] = sp.name or ""
+        report["service"]["address"] = (expected["service"] or {}).get("address")
+    for hop in report["hops"]:
+        hop["note"] = None
     report["path"] = _path(report)
     report["diagram"] = mermaid(report)
     return report
