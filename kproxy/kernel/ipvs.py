@@ -8,7 +8,8 @@
     apply(ns, plan)        converge namespace ``ns`` to an ``IpvsPlan``: sysctls, the
                            kube-ipvs0 dummy device (left DOWN, NOARP) and its /32s, the
                            ipsets (``ipset restore -exist``), the IPVS table (``ipvsadm -C``
-                           then ``ipvsadm -R``), the iptables payload
+                           then ``ipvsadm -R``; or only the differences with
+                           ``incremental=True``), the iptables payload
                            (``iptables-restore --noflush``) and the jump rules.
     cleanup(ns)            what upstream's CleanupLeftovers removes, in that namespace.
     saved(ns)              ``ipvsadm -Sn`` in ``ns``.
@@ -188,6 +189,52 @@ def ipset_sync_text(plan, current: Dict[str, Set[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _parse_saved(saved_text: str) -> Dict[Tuple[str, str], Tuple[str, Dict[str, str]]]:
+    """``ipvsadm -Sn`` text -> {(flag, vip:port): (the -A line, {rs: the -a line})}."""
+    out: Dict[Tuple[str, str], Tuple[str, Dict[str, str]]] = {}
+    for line in saved_text.splitlines():
+        parts = line.split()
+        if len(parts) >= 3 and parts[0] == "-A":
+            out[(parts[1], parts[2])] = (line.strip(), out.get((parts[1], parts[2]), ("", {}))[1])
+        elif len(parts) >= 5 and parts[0] == "-a" and parts[3] == "-r":
+            key = (parts[1], parts[2])
+            head, dests = out.setdefault(key, ("", {}))
+            dests[parts[4]] = line.strip()
+    return out
+
+
+def ipvsadm_sync_text(plan, saved_text: str) -> str:
+    """``ipvsadm -R`` input that takes the table ``saved_text`` (``ipvsadm -Sn``) to the
+    plan without flushing it, as upstream's syncService / syncEndpoint /
+    cleanLegacyService do: ``-D`` for virtual servers that went away, ``-E`` for changed
+    ones (scheduler, persistence), ``-A`` for new ones; per virtual server ``-d`` for
+    stale real servers, ``-e`` for a changed weight, ``-a`` for new ones. Empty when the
+    table already matches."""
+    have = _parse_saved(saved_text)
+    lines: List[str] = []
+    wanted = {(vs.service_flag, vs.endpoint): vs for vs in plan.virtual_servers}
+    for key in have:
+        if key not in wanted:
+            lines.append(f"-D {key[0]} {key[1]}")
+    for key, vs in wanted.items():
+        head, dests = have.get(key, ("", {}))
+        add = vs.add_line()
+        if not head:
+            lines.append(add)
+        elif head != add:
+            lines.append("-E" + add[2:])
+        want_rs = {str(rs): line for rs, line in zip(vs.real_servers, vs.real_server_lines())}
+        for rs in dests:
+            if rs not in want_rs:
+                lines.append(f"-d {key[0]} {key[1]} -r {rs}")
+        for rs, line in want_rs.items():
+            if rs not in dests:
+                lines.append(line)
+            elif dests[rs] != line:
+                lines.append("-e" + line[2:])
+    return "\n".join(lines) + ("\n" if lines else "")
+
+
 def _ensure_dummy(ns: str, plan) -> None:
     """kube-ipvs0 exists (created DOWN: upstream never sets it up; dummy devices are
     NOARP) and holds exactly the plan's addresses. Local routes for addresses on a down
@@ -213,8 +260,16 @@ def _ensure_dummy(ns: str, plan) -> None:
                       address=ip, prefixlen=int(plen))
 
 
-def apply(ns: str, plan, flavour: str = "nft") -> None:
+def apply(ns: str, plan, flavour: str = "nft", incremental: bool = False) -> None:
     """Converge namespace ``ns`` to ``plan`` (a ``kproxy.proxy.ipvs.IpvsPlan``).
+
+    The IPVS table is rewritten with ``ipvsadm -C`` then ``ipvsadm -R`` (the table is
+    per namespace, so only this node's is cleared; a real server re-added to the same
+    virtual server comes back from the kernel's trash, so established connections keep
+    it, though a packet that arrives between the two commands is lost and, with
+    expire_nodest_conn=1, its connection expired). With
+    ``incremental`` only the differences from ``ipvsadm -Sn`` are sent
+    (``ipvsadm_sync_text``): what a proxier's resync wants, as upstream never flushes.
 
     Raises KernelError, before changing anything, when the namespace is the machine's
     own or missing, or when ``available(plan.scheduler)`` says IPVS mode cannot run."""
@@ -229,9 +284,13 @@ def apply(ns: str, plan, flavour: str = "nft") -> None:
             raise KernelError(f"sysctl {key}={value} in {ns}: {e.strerror or e}") from e
     _ensure_dummy(ns, plan)
     _run_checked(ns, ["ipset", "restore", "-exist"], ipset_sync_text(plan, _ipset_entries(ns)))
-    _run_checked(ns, ["ipvsadm", "-C"])
-    if plan.virtual_servers:
-        _run_checked(ns, ["ipvsadm", "-R"], plan.ipvsadm_restore())
+    if incremental:
+        text = ipvsadm_sync_text(plan, _run_checked(ns, ["ipvsadm", "-Sn"]))
+    else:
+        _run_checked(ns, ["ipvsadm", "-C"])
+        text = plan.ipvsadm_restore()
+    if text:
+        _run_checked(ns, ["ipvsadm", "-R"], text)
     iptables.restore(ns, plan.iptables_restore(), flavour)
     iptables.ensure_jumps(ns, plan.jump_rules, flavour)
 

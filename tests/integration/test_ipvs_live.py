@@ -334,10 +334,12 @@ def test_apply_converges_and_cleanup_leaves_nothing(topology):
     node, _ = topology
     before = state(node)
     kipvs.apply(node, service_plan())
-    kipvs.apply(node, service_plan(endpoints=BACKENDS[:1]))          # scale down: one real server left
+    kipvs.apply(node, service_plan(endpoints=BACKENDS[:1]), incremental=True)   # scale down, no flush
     assert [line for line in kipvs.saved(node).splitlines() if line.startswith("-a")] == [
         "-a -t 10.96.0.10:80 -r 10.244.1.2:8080 -m -w 1"]
     assert {connect(node, "10.96.0.10", 80).split()[0] for _ in range(6)} == {"10.244.1.2"}
+    kipvs.apply(node, service_plan(endpoints=BACKENDS[:1]), incremental=True)   # nothing to change
+    assert kipvs.ipvsadm_sync_text(service_plan(endpoints=BACKENDS[:1]), kipvs.saved(node)) == ""
     assert kipvs.cleanup(node) == []
     assert kipvs.saved(node).strip() == ""
     after = state(node)
