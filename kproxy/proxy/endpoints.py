@@ -32,12 +32,20 @@ class Categorized:
 
 
 def topology_mode(endpoints: Sequence[EndpointInfo], node_name: str, zone: Optional[str]) -> str:
-    ready = [ep for ep in endpoints if ep.ready]
-    if not ready:
+    all_node_hints = all_zone_hints = True
+    ready = []
+    for ep in endpoints:
+        if ep.ready:
+            ready.append(ep)
+            if not ep.node_hints:
+                all_node_hints = False
+            if not ep.zone_hints:
+                all_zone_hints = False
+    if not ready or not (all_node_hints or all_zone_hints):
         return ""
-    if all(ep.node_hints for ep in ready) and any(node_name in ep.node_hints for ep in ready):
+    if all_node_hints and any(node_name in ep.node_hints for ep in ready):
         return PREFER_SAME_NODE
-    if all(ep.zone_hints for ep in ready) and zone and any(zone in ep.zone_hints for ep in ready):
+    if all_zone_hints and zone and any(zone in ep.zone_hints for ep in ready):
         return PREFER_SAME_ZONE
     return ""
 
@@ -53,41 +61,46 @@ def _available(ep: EndpointInfo, mode: str, node_name: str, zone: Optional[str])
 def categorize_endpoints(endpoints: Sequence[EndpointInfo], svc: ServicePortInfo, node_name: str,
                          zone: Optional[str] = None) -> Categorized:
     """Split ``endpoints`` of ``svc`` as seen from node ``node_name`` (in ``zone``)."""
-    out = Categorized()
     if not endpoints:
-        return out
+        return Categorized()
+    cluster: List[EndpointInfo] = []
+    local: List[EndpointInfo] = []
+    has_any = False
     mode = ""
-    if svc.uses_cluster_endpoints:
+    uses_cluster = svc.uses_cluster_endpoints
+    if uses_cluster:
         mode = topology_mode(endpoints, node_name, zone)
-        out.cluster = [ep for ep in endpoints if ep.ready and _available(ep, mode, node_name, zone)]
-        if not out.cluster:
-            out.cluster = [ep for ep in endpoints if ep.serving and ep.terminating]
-        out.has_any = bool(out.cluster)
+        if mode:
+            cluster = [ep for ep in endpoints if ep.ready and _available(ep, mode, node_name, zone)]
+        else:
+            cluster = [ep for ep in endpoints if ep.ready]
+        if not cluster:
+            cluster = [ep for ep in endpoints if ep.serving and ep.terminating]
+        has_any = bool(cluster)
     if not svc.uses_local_endpoints:
-        out.all_reachable = list(out.cluster)
-        return out
+        return Categorized(cluster, local, list(cluster), has_any)
 
     local_ready = local_serving_terminating = False
     for ep in endpoints:
         if ep.ready:
-            out.has_any = True
+            has_any = True
             local_ready = local_ready or ep.is_local
         elif ep.serving and ep.terminating:
-            out.has_any = True
+            has_any = True
             local_serving_terminating = local_serving_terminating or ep.is_local
     use_terminating = False
     if local_ready:
-        out.local = [ep for ep in endpoints if ep.is_local and ep.ready]
+        local = [ep for ep in endpoints if ep.is_local and ep.ready]
     elif local_serving_terminating:
         use_terminating = True
-        out.local = [ep for ep in endpoints if ep.is_local and ep.serving and ep.terminating]
+        local = [ep for ep in endpoints if ep.is_local and ep.serving and ep.terminating]
 
-    if not svc.uses_cluster_endpoints:
-        out.all_reachable = list(out.local)
+    if not uses_cluster:
+        all_reachable = list(local)
     elif mode == "" and not use_terminating:
-        out.all_reachable = list(out.cluster)      # a superset of the local list
+        all_reachable = list(cluster)      # a superset of the local list
     else:
-        merged: Dict[str, EndpointInfo] = {str(ep): ep for ep in out.cluster}
-        merged.update({str(ep): ep for ep in out.local})
-        out.all_reachable = [merged[k] for k in sorted(merged)]
-    return out
+        merged: Dict[str, EndpointInfo] = {str(ep): ep for ep in cluster}
+        merged.update({str(ep): ep for ep in local})
+        all_reachable = [merged[k] for k in sorted(merged)]
+    return Categorized(cluster, local, all_reachable, has_any)

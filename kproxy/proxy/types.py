@@ -9,11 +9,11 @@ same services and endpoints upstream would.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, FrozenSet, Iterable, List, Optional, Tuple
+from operator import attrgetter
+from typing import Dict, FrozenSet, Hashable, Iterable, List, Optional, Sequence, Tuple
 
 from kproxy.model import objects as o
-from kproxy.proxy.netutil import (IPAddress, IPNetwork, join_host_port, parse_cidr_sloppy,
-                                  parse_ip_sloppy)
+from kproxy.proxy.netutil import IPAddress, cidr_text_family, ip_text_family, join_host_port, parse_ip_sloppy
 
 
 @dataclass(frozen=True, order=True)
@@ -87,11 +87,16 @@ def should_skip_service(svc: o.Service) -> bool:
 
 
 def _cluster_ip_for_family(svc: o.Service, family: str) -> Optional[IPAddress]:
-    candidates = svc.cluster_ips or [svc.cluster_ip]
-    for text in candidates:
-        ip = parse_ip_sloppy(text)
-        if ip is not None and _family_of(ip) == family:
-            return ip
+    text = _cluster_ip_text(svc, family)
+    return parse_ip_sloppy(text) if text is not None else None
+
+
+def _cluster_ip_text(svc: o.Service, family: str) -> Optional[str]:
+    """The canonical ClusterIP of ``family``, or None."""
+    for text in svc.cluster_ips or [svc.cluster_ip]:
+        parsed = ip_text_family(text)
+        if parsed is not None and parsed[1] == family:
+            return parsed[0]
     return None
 
 
@@ -104,47 +109,54 @@ def service_port_infos(svc: o.Service, ip_family: str = "IPv4") -> Dict[ServiceP
     Services that are skipped or have no ClusterIP of that family."""
     if should_skip_service(svc):
         return {}
-    cluster_ip = _cluster_ip_for_family(svc, ip_family)
+    cluster_ip = _cluster_ip_text(svc, ip_family)
     if cluster_ip is None:
         return {}
     external_local = externally_accessible_service(svc) and svc.external_traffic_policy == "Local"
     internal_local = svc.internal_traffic_policy == "Local"
     sticky = svc.session_affinity_timeout if svc.session_affinity == "ClientIP" else 0
 
-    external_ips = _ips_of_family(svc.external_ips, ip_family)
+    external_ips = tuple(_ips_of_family(svc.external_ips, ip_family)) if svc.external_ips else ()
     ranges: List[str] = []
     for text in svc.load_balancer_source_ranges:
-        net: Optional[IPNetwork] = parse_cidr_sloppy(text.strip())
-        if net is not None and _family_of(net.network_address) == ip_family:
-            ranges.append(str(net))
+        parsed = cidr_text_family(text.strip())
+        if parsed is not None and parsed[1] == ip_family:
+            ranges.append(parsed[0])
     vips: List[str] = []
     for ing in svc.load_balancer_ingress:
         if not ing.ip or ing.ip_mode not in (None, "", "VIP"):
             continue
-        ip = parse_ip_sloppy(ing.ip)
-        if ip is not None and _family_of(ip) == ip_family:
-            vips.append(str(ip))
+        parsed = ip_text_family(ing.ip)
+        if parsed is not None and parsed[1] == ip_family:
+            vips.append(parsed[0])
     health = svc.health_check_node_port if (svc.type == "LoadBalancer" and external_local) else 0
 
+    # The frozen dataclasses are made through their ``__dict__`` (every field set):
+    # their __init__ costs more than the rest of the map.
     out: Dict[ServicePortName, ServicePortInfo] = {}
+    namespace, name = svc.namespace, svc.name
+    common = dict(cluster_ip=cluster_ip, load_balancer_vips=tuple(vips),
+                  session_affinity=svc.session_affinity, sticky_max_age_seconds=sticky,
+                  external_ips=external_ips, load_balancer_source_ranges=tuple(ranges),
+                  health_check_node_port=health, external_policy_local=external_local,
+                  internal_policy_local=internal_local)
+    new = object.__new__
     for p in svc.ports:
-        spn = ServicePortName(svc.namespace, svc.name, p.name, p.protocol)
-        out[spn] = ServicePortInfo(
-            name=spn, cluster_ip=str(cluster_ip), port=p.port, protocol=p.protocol,
-            node_port=p.node_port, load_balancer_vips=tuple(vips),
-            session_affinity=svc.session_affinity, sticky_max_age_seconds=sticky,
-            external_ips=tuple(external_ips), load_balancer_source_ranges=tuple(ranges),
-            health_check_node_port=health, external_policy_local=external_local,
-            internal_policy_local=internal_local, target_port=p.target_port)
+        spn = new(ServicePortName)
+        spn.__dict__.update(namespace=namespace, name=name, port=p.name, protocol=p.protocol)
+        info = new(ServicePortInfo)
+        info.__dict__.update(common, name=spn, port=p.port, protocol=p.protocol, node_port=p.node_port,
+                             target_port=p.target_port)
+        out[spn] = info
     return out
 
 
 def _ips_of_family(texts: Iterable[str], family: str) -> List[str]:
     out = []
     for text in texts:
-        ip = parse_ip_sloppy(text)
-        if ip is not None and _family_of(ip) == family:
-            out.append(str(ip))
+        parsed = ip_text_family(text)
+        if parsed is not None and parsed[1] == family:
+            out.append(parsed[0])
     return out
 
 
@@ -174,10 +186,32 @@ class EndpointInfo:
     node_hints: FrozenSet[str] = field(default_factory=frozenset)
 
     def __str__(self) -> str:
-        return join_host_port(self.ip, self.port)
+        # ``IP:port`` is asked for often (sorting, chain names, rules): kept once made,
+        # outside the fields (so equality, hashing and repr do not see it).
+        try:
+            return self.__dict__["_host_port"]
+        except KeyError:
+            text = self.__dict__["_host_port"] = join_host_port(self.ip, self.port)
+            return text
 
 
 SUPPORTED_ADDRESS_TYPES = ("IPv4", "IPv6")
+_EMPTY: FrozenSet[str] = frozenset()
+
+
+def _slice_sort_key(s: o.EndpointSlice):
+    return (s.namespace, s.service_name or "", s.name)
+
+
+def _port_of(p: o.EndpointPort):
+    return p.port
+
+
+def _addresses_key(e: o.Endpoint) -> str:
+    return ",".join(e.addresses)
+
+
+PortKey = Tuple[str, str, str, str]      # (namespace, service name, port name, protocol)
 
 
 def endpoints_map(slices: Iterable[object], node_name: str,
@@ -188,36 +222,147 @@ def endpoints_map(slices: Iterable[object], node_name: str,
     port of the same name and protocol, only an endpoint's first address is used (and
     only if it has this proxier's IP family), duplicates collapse by ``IP:port`` with a
     non-terminating copy winning, and each list is sorted by the string ``IP:port``."""
+    return {ServicePortName(*key): eps for key, eps in endpoints_by_port(slices, node_name, ip_family).items()}
+
+
+def endpoints_by_port(slices: Iterable[object], node_name: str,
+                      ip_family: str = "IPv4") -> Dict[PortKey, List[EndpointInfo]]:
+    """``endpoints_map`` keyed by the tuple (namespace, service name, port name,
+    protocol) instead of a ServicePortName (cheaper to make and to look up)."""
     flat: List[o.EndpointSlice] = []
     for item in slices:
         if isinstance(item, o.Endpoints):
             flat.extend(item.to_endpoint_slices())
         else:
             flat.append(item)  # type: ignore[arg-type]
-    by_spn: Dict[ServicePortName, Dict[str, EndpointInfo]] = {}
-    for es in sorted(flat, key=lambda s: (s.namespace, s.service_name or "", s.name)):
-        svc_name = es.service_name
-        if not svc_name or es.address_type not in SUPPORTED_ADDRESS_TYPES:
+    if len(flat) > 1:
+        flat.sort(key=_slice_sort_key)
+    by_port: Dict[PortKey, Dict[str, EndpointInfo]] = {}
+    new = object.__new__
+    label, default_ns, supported = o.SERVICE_NAME_LABEL, o.DEFAULT_NAMESPACE, SUPPORTED_ADDRESS_TYPES
+    for es in flat:
+        meta = es.metadata
+        svc_name = meta.labels.get(label)
+        if not svc_name or es.address_type not in supported:
             continue
-        ports = sorted((p for p in es.ports if p.name is not None and p.port), key=lambda p: p.port)
-        endpoints = sorted((e for e in es.endpoints if e.addresses),
-                           key=lambda e: ",".join(e.addresses))
+        ports = [p for p in es.ports if p.name is not None and p.port]
+        if not ports:
+            continue
+        if len(ports) > 1:
+            ports.sort(key=_port_of)
+        # the endpoints of this family, in address order, as EndpointInfo fields
+        endpoints = []
+        listed = [e for e in es.endpoints if e.addresses]
+        if len(listed) > 1:
+            listed.sort(key=_addresses_key)
+        for e in listed:
+            parsed = ip_text_family(e.addresses[0])
+            if parsed is not None and parsed[1] == ip_family:
+                cond = e.conditions
+                endpoints.append((
+                    parsed[0], cond.terminating is True,
+                    dict(is_local=bool(node_name) and e.node_name == node_name,
+                         ready=cond.ready is not False, serving=cond.serving is not False,
+                         terminating=cond.terminating is True, node_name=e.node_name or "", zone=e.zone or "",
+                         zone_hints=frozenset(e.hints_for_zones) if e.hints_for_zones else _EMPTY,
+                         node_hints=frozenset(e.hints_for_nodes) if e.hints_for_nodes else _EMPTY)))
+        namespace = meta.namespace or default_ns
         for port in ports:
-            spn = ServicePortName(es.namespace, svc_name, port.name or "", port.protocol or "TCP")
-            bucket = by_spn.setdefault(spn, {})
-            for ep in endpoints:
-                ip = parse_ip_sloppy(ep.addresses[0])
-                if ip is None or _family_of(ip) != ip_family:
+            key = (namespace, svc_name, port.name or "", port.protocol or "TCP")
+            bucket = by_port.get(key)
+            if bucket is None:
+                bucket = by_port[key] = {}
+            number = int(port.port)
+            for ip, terminating, fields in endpoints:
+                host_port = f"[{ip}]:{number}" if ":" in ip else f"{ip}:{number}"
+                if terminating and host_port in bucket:
                     continue
-                cond = ep.conditions
-                terminating = cond.terminating is True
-                info = EndpointInfo(
-                    ip=str(ip), port=int(port.port),
-                    is_local=bool(node_name) and ep.node_name == node_name,
-                    ready=cond.ready is not False, serving=cond.serving is not False,
-                    terminating=terminating, node_name=ep.node_name or "", zone=ep.zone or "",
-                    zone_hints=frozenset(ep.hints_for_zones), node_hints=frozenset(ep.hints_for_nodes))
-                key = str(info)
-                if key not in bucket or not terminating:
-                    bucket[key] = info
-    return {spn: sorted(eps.values(), key=str) for spn, eps in by_spn.items() if eps}
+                info = new(EndpointInfo)
+                info.__dict__.update(fields, ip=ip, port=number, _host_port=host_port)
+                bucket[host_port] = info
+    return {key: ([eps[k] for k in sorted(eps)] if len(eps) > 1 else list(eps.values()))
+            for key, eps in by_port.items() if eps}
+
+
+# --------------------------------------------------------------------------- fingerprints
+
+_service_fields = attrgetter("type", "cluster_ip", "session_affinity", "session_affinity_timeout",
+                             "external_traffic_policy", "internal_traffic_policy", "health_check_node_port")
+_service_port_fields = attrgetter("name", "protocol", "port", "node_port", "target_port")
+_ingress_fields = attrgetter("ip", "ip_mode")
+_slice_port_fields = attrgetter("name", "port", "protocol")
+_endpoint_fields = attrgetter("node_name", "zone")
+_condition_fields = attrgetter("ready", "serving", "terminating")
+
+
+def service_fingerprint(svc: o.Service) -> Hashable:
+    """Everything of a Service that shapes its proxy rules, as an immutable value: two
+    Services with equal fingerprints get the same rules (their lists are copied into
+    tuples, so a later change to the object in place is not hidden)."""
+    return (_service_fields(svc), tuple(svc.cluster_ips), tuple(map(_service_port_fields, svc.ports)),
+            tuple(svc.external_ips), tuple(svc.load_balancer_source_ranges),
+            tuple(map(_ingress_fields, svc.load_balancer_ingress)) if svc.load_balancer_ingress else ())
+
+
+def _endpoint_fingerprint(e: o.Endpoint) -> tuple:
+    return (tuple(e.addresses), _condition_fields(e.conditions), _endpoint_fields(e),
+            tuple(e.hints_for_zones) if e.hints_for_zones else (),
+            tuple(e.hints_for_nodes) if e.hints_for_nodes else ())
+
+
+def slice_fingerprint(es: o.EndpointSlice) -> tuple:
+    """Everything of an EndpointSlice that shapes the endpoints map, as an immutable
+    value (see ``service_fingerprint``); its name comes first."""
+    return (es.metadata.name, es.address_type, tuple(map(_slice_port_fields, es.ports)),
+            tuple(map(_endpoint_fingerprint, es.endpoints)))
+
+
+def _first(item: tuple):
+    return item[0]
+
+
+def service_group_fingerprint(services: Sequence[o.Service], slices: Iterable[object]) -> Hashable:
+    """The fingerprint of one Service: of its Service objects (in order: a later one
+    with the same name wins) and of the EndpointSlices / core-v1 Endpoints that name it
+    (the slices sorted by name, as the endpoints map sorts them, so their order in the
+    input does not matter). Equal fingerprints, equal rules."""
+    flat = []
+    for item in slices:
+        if isinstance(item, o.Endpoints):
+            flat.extend(map(slice_fingerprint, item.to_endpoint_slices()))
+        else:
+            flat.append(slice_fingerprint(item))  # type: ignore[arg-type]
+    if len(flat) > 1:
+        flat.sort(key=_first)      # stable: slices of one name keep their order, as in the map
+    return tuple(map(service_fingerprint, services)), tuple(flat)
+
+
+def slice_service_key(item: object) -> Optional[Tuple[str, str]]:
+    """(namespace, Service name) an EndpointSlice or Endpoints belongs to; None for a
+    slice without the service-name label."""
+    if isinstance(item, o.Endpoints):
+        return item.namespace, item.name
+    name = item.metadata.labels.get(o.SERVICE_NAME_LABEL)  # type: ignore[attr-defined]
+    if not name:
+        return None
+    return item.metadata.namespace or o.DEFAULT_NAMESPACE, name  # type: ignore[attr-defined]
+
+
+def service_fingerprints(services: Iterable[o.Service], slices: Iterable[object]) -> Dict[str, Hashable]:
+    """``service_group_fingerprint`` of every Service, by ``"namespace/name"``: equal
+    fingerprints, equal rules (for one node's settings). A caller that keeps these
+    between syncs can diff them to find the changed Services, and hand them to
+    ``IncrementalRenderer`` (which then skips computing its own)."""
+    by_svc: Dict[Tuple[str, str], list] = {}
+    for item in slices:
+        if isinstance(item, (o.EndpointSlice, o.Endpoints)):
+            key = slice_service_key(item)
+            if key is not None:
+                by_svc.setdefault(key, []).append(item)
+    groups: Dict[Tuple[str, str], list] = {}
+    for svc in services:
+        if isinstance(svc, o.Service):
+            meta = svc.metadata
+            groups.setdefault((meta.namespace or o.DEFAULT_NAMESPACE, meta.name), []).append(svc)
+    return {f"{key[0]}/{key[1]}": service_group_fingerprint(svcs, by_svc.get(key, ()))
+            for key, svcs in groups.items()}
