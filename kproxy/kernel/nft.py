@@ -5,6 +5,7 @@ ruleset; the machine's own namespace is refused. A sync is one ``nft -f -``
 transaction: it applies whole or not at all.
 
     apply(ns, text)            nft -f -            (raises KernelError with nft's message)
+    sync(ns, payload)          a rendered NftPayload: its changes, then its cleanup transaction
     list_table(ns)             nft -j list table ip kube-proxy, parsed (None if absent)
     list_table_text(ns)        nft list table ip kube-proxy (None if absent)
     read_table(ns)             the table as a ruleset.Table: the ``existing`` of a render
@@ -42,6 +43,19 @@ def apply(ns: str, text: str) -> None:
     res = _run(ns, ["nft", "-f", "-"], stdin=text)
     if res.returncode != 0:
         raise KernelError(f"nft -f in {ns} failed: {res.stderr.strip()}")
+
+
+def sync(ns: str, payload) -> bool:
+    """Apply a rendered ``NftPayload`` as upstream does: the changes in one
+    transaction, then the deletion of chains an earlier sync flushed in a second one.
+    A failed cleanup is harmless (the chains are empty and unused; a later sync tries
+    again), so it only makes this return False; a failed change raises KernelError."""
+    apply(ns, payload.sync_text)
+    try:
+        apply(ns, payload.cleanup_text)
+    except KernelError:
+        return False
+    return True
 
 
 def list_table(ns: str, family: str = "ip", table: str = n.TABLE) -> Optional[dict]:

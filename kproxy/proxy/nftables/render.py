@@ -137,10 +137,11 @@ class NftPayload:
     def cleanup_text(self) -> str:
         return format_statements(self.family, self.cleanup, style=self.style)
 
-    def apply_to(self, table: Table) -> Table:
+    def apply_to(self, table: Table, cleanup: bool = True) -> Table:
         """Bring ``table`` (the ``existing`` this payload was rendered against) to the
-        state the kernel holds once the transaction(s) succeeded."""
-        return table.apply(self.cleanup + self.statements)
+        state the kernel holds once the transaction(s) succeeded (``cleanup=False``
+        when only the changes went in: see ``kproxy.kernel.nft.sync``)."""
+        return table.apply((self.cleanup if cleanup else []) + self.statements)
 
 
 # ----------------------------------------------------------------------------- settings

@@ -998,6 +998,23 @@ _CANON = [
     (re.compile(r"^mark set mark xor (0x[0-9a-f]+)$"), lambda m: f"meta mark set meta mark ^ {int(m.group(1), 16):#010x}"),
 ]
 _SINGLE_SET = re.compile(r"(ip6? [sd]addr (?:!= )?)\{ ([^,{}\s]+) \}")
+_ADDR_SET = re.compile(r"(ip6? [sd]addr (?:!= )?)\{ ([^{}]+) \}")
+
+
+def _sorted_addresses(m) -> str:
+    """nft lists an anonymous set of addresses in address order."""
+    import ipaddress as _ip
+
+    def key(text):
+        try:
+            net = _ip.ip_network(text, strict=False)
+            return (net.version, int(net.network_address), net.prefixlen, text)
+        except ValueError:
+            return (9, 0, 0, text)
+    items = [i.strip() for i in m.group(2).replace(" , ", ",").split(",") if i.strip()]
+    if len(items) == 1:
+        return m.group(1) + items[0]
+    return m.group(1) + "{ " + ", ".join(sorted(items, key=key)) + " }"
 _SPACED_COMMA = re.compile(r" , ")
 _NUMGEN_EQ = re.compile(r"(numgen random mod \d+) == (\d+)")
 _IIF_BARE = re.compile(r'\b(iif(?:name)?) (!= )?([^"\s]+)')
@@ -1005,15 +1022,16 @@ _IIF_BARE = re.compile(r'\b(iif(?:name)?) (!= )?([^"\s]+)')
 
 def canonical_rule(text: str) -> str:
     """A rule as ``nft list`` prints it, from the form kube-proxy writes: ``mark``
-    becomes ``meta mark`` with 8-digit hex, a one-element anonymous set loses its
-    braces, ``" , "`` becomes ``", "``, ``== 0`` after numgen is dropped, interface
-    names are quoted. Already-canonical text is left as it is."""
+    becomes ``meta mark`` with 8-digit hex, an anonymous set of addresses is sorted
+    (and loses its braces when it has one element), ``" , "`` becomes ``", "``,
+    ``== 0`` after numgen is dropped, interface names are quoted. Already-canonical
+    text is left as it is."""
     text = text.strip()
     for pat, repl in _CANON:
         m = pat.match(text)
         if m:
             return repl(m)
-    text = _SINGLE_SET.sub(lambda m: m.group(1) + m.group(2), text)
+    text = _ADDR_SET.sub(_sorted_addresses, text)
     text = _SPACED_COMMA.sub(", ", text)
     text = _NUMGEN_EQ.sub(lambda m: f"{m.group(1)} {m.group(2)}", text)
     text = _IIF_BARE.sub(lambda m: f'{m.group(1)} {m.group(2) or ""}"{m.group(3)}"', text)
