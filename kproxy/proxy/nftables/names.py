@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+from functools import lru_cache
 from typing import Optional
 
 TABLE = "kube-proxy"
@@ -106,9 +107,11 @@ LARGE_CLUSTER_ENDPOINTS_THRESHOLD = 1000
 
 
 def _b32_8(text: str) -> str:
-    return base64.b32encode(hashlib.sha256(text.encode()).digest()).decode()[:8]
+    # 8 base32 characters are exactly the first 5 bytes of the digest
+    return base64.b32encode(hashlib.sha256(text.encode()).digest()[:5]).decode()
 
 
+@lru_cache(maxsize=1 << 17)
 def hash_and_truncate(name: str) -> str:
     """``<H8>-name``, cut to 240 characters with a trailing ``...`` (upstream
     ``hashAndTruncate``)."""

@@ -30,56 +30,73 @@ Arguments beyond upstream's objects:
   service sets/maps and refills them (upstream's ``readOrReset`` fallback), and a
   partial sync can only add.
 * ``load_balancing`` (keyword): ``"vmap"``, ``"cascade"`` or ``"auto"`` (below).
+* ``style`` (keyword): ``"blocks"`` (the default) or ``"rules"``, knftables' line
+  form; the same table either way (below).
 
 Design for large rule sets
 --------------------------
 
 Measured on this machine (kernel 6.18, nft 1.0.6), one ``nft -f`` of 10,000
-ClusterIP Services with 2 endpoints each written exactly as upstream writes them took
-27-30 s, against 2.0 s for ``iptables-restore`` of the same Services. The time grows
-with the square of the number of Services and is almost all kernel time (``sys``):
+ClusterIP Services with 2 endpoints each, written exactly as upstream writes them, took
+23-30 s, and the time grew with the square of the number of Services. It is kernel
+time, and not the text: batching the elements into one ``add element`` per map,
+leaving out the ``flush chain`` lines or using the block syntax changed nothing
+measurable. Taken apart:
 
-* batching the elements into one ``add element`` per map, dropping the ``flush
-  chain`` lines or using the block syntax (``table ip kube-proxy { chain ... }``)
-  changes nothing measurable (23-30 s);
-* 30,000 chains and 60,000 plain rules load in under 1 s, elements in 0.04 s, and
-  20,000 rules that ``jump``/``goto`` a named chain in 0.5 s;
+* 30,000 chains and 60,000 plain rules load in under 1 s, 20,000 elements in 0.04 s,
+  and 20,000 rules that ``jump``/``goto`` a named chain in 0.5 s;
 * the quadratic part is the per-service ``numgen random mod N vmap { 0 : goto ...,
-  ... }``: each such rule creates an *anonymous set*, and the kernel (``perf``: 60 %
-  in ``__nft_set_trans_bind``, 16 % ``nf_tables_newset``, 6 %
-  ``nft_set_lookup_global``) walks the whole transaction and every set of the table
-  for each new anonymous set. 10,000 anonymous vmaps alone took 21 s. Splitting the
-  load into 10 or 40 transactions still took 12-13 s (the walk over the table's sets
-  remains), and one shared named vmap (``numgen ... offset K vmap @endpoints``) took
-  22 s (binding a verdict map re-validates all of its elements for every rule).
+  ... }``: each creates an *anonymous set*, and for each new one the kernel walks the
+  whole transaction and every set of the table (``perf``: 60 % in
+  ``__nft_set_trans_bind``, 16 % ``nf_tables_newset``, 6 % ``nft_set_lookup_global``).
+  10,000 of them alone took 21 s. Splitting the load into 10 or 40 transactions still
+  took 12-13 s (the walk over the table's sets remains), and one shared named vmap
+  (``numgen ... offset K vmap @endpoints``) took 22 s (binding a verdict map checks
+  all of its elements again for every rule that uses it).
 
-So the load balancing rule is the one thing written differently at scale. With
-``load_balancing="auto"`` (the default) the renderer writes upstream's anonymous
-``numgen random mod N vmap { ... }`` until the node has more than
-``LARGE_CLUSTER_ENDPOINTS_THRESHOLD`` (1000) endpoints, the threshold at which the
-iptables proxier also switches to its large-cluster layout, and above it the
-equivalent cascade of plain rules::
+So the load-balancing rule is written differently at scale. With
+``load_balancing="auto"`` (the default) it is upstream's anonymous ``numgen random
+mod N vmap { ... }`` until the node has more than ``LARGE_CLUSTER_ENDPOINTS_THRESHOLD``
+(1000) endpoints, the threshold at which the iptables proxier also switches to its
+large-cluster layout; above it, the equivalent cascade of plain rules::
 
     numgen random mod 3 == 0 goto endpoint-A...
     numgen random mod 2 == 0 goto endpoint-B...
     goto endpoint-C...
 
-which is the iptables ``--probability 1/(n-i)`` cascade: every endpoint is chosen
-with probability 1/N, and no set is created. 10,000 Services then load in one
-transaction in about 1.3 s. Everything else (names, maps, elements, chains, other
-rules) is as upstream writes it. The statements are ordered so one transaction is
-valid: chains are declared before the rules that jump to them, and each map's
-elements go in one ``add element`` statement.
+which is the iptables ``--probability 1/(n-i)`` cascade: every endpoint is chosen with
+probability 1/N and no set is created. Everything else (names, maps, elements, chains,
+the other rules) is what upstream writes.
 
-A partial sync writes only the changed Services' chains and elements and reads what
-exists from ``existing`` (kept in memory between syncs, as upstream keeps its element
-storage), so a one-Service change at 10,000 Services is a transaction of a few dozen
-lines. Services are filtered by name before any processing, so the render itself is
-proportional to the change, not to the cluster.
+The second cost is in nft itself: before it evaluates an ``add rule``, ``add
+element``, ``delete element`` or ``delete chain`` statement, nft downloads every chain
+of the table into its cache, and the kernel's chain dump is itself quadratic
+(``nf_tables_dump_chains``). With 30,000 chains that is 90-140 ms for any transaction
+holding such a statement, however small. ``add chain NAME { rules }``, ``flush
+chain``, ``add set``/``add map NAME { ... elements = { ... } }`` need only the table.
+So the default ``style="blocks"`` writes each chain's rules inside an ``add chain``
+block and each map's new elements inside an ``add map`` block (a one-Service change
+at 10,000 Services then costs 20-40 ms in nft, mostly the kernel validating the jump
+graph), and ``style="rules"`` writes knftables' form, one ``add rule`` / ``add
+element`` per line, exactly as upstream's transaction reads. Both give the same table:
+the tests apply both and compare them with upstream's expectations.
+
+The statements are ordered so that one transaction is valid: every chain comes after
+the chains and sets it refers to (endpoint chains, then the cluster and local policy
+chains, then ``external-``, ``firewall-``), elements after the chains they name. Chain
+deletions, which need nft's full cache, are kept apart (``NftPayload.cleanup``): they
+are at the head of ``text`` and form their own transaction in ``sync_text`` /
+``cleanup_text`` for callers that apply the two separately, as upstream does.
+
+A partial sync writes only the changed Services' chains and elements, and reads what
+exists from ``existing`` (kept in memory between syncs with ``NftPayload.apply_to``, as
+upstream keeps its element storage; reading it back with ``nft -j`` takes seconds at
+10,000 Services). The Services are filtered by name before anything is computed, so the
+render costs in proportion to the change, not to the cluster.
 
 Known scale limit: session affinity creates one named set per endpoint, and the kernel
-also looks named sets up by walking the table, so tens of thousands of affinity
-endpoints load slowly, as they do for upstream.
+looks named sets up by walking the table, so tens of thousands of affinity endpoints
+load slowly, as they do for upstream.
 """
 
 from __future__ import annotations

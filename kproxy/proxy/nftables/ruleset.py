@@ -650,8 +650,11 @@ class Table:
                     raise NftError(f"{kind} {name!r} needs a type")
                 self.sets[name] = NftSet(name, kind, props)
                 self._index(self._owned_sets, name, True)
-            elif props is not None and (s.kind != kind or s.props.type != props.type):
-                raise NftError(f"{kind} {name!r} exists with another type (File exists)")
+            elif props is not None:
+                if s.kind != kind or s.props.type != props.type:
+                    raise NftError(f"{kind} {name!r} exists with another type (File exists)")
+                if props.timeout is not None and props.timeout != s.props.timeout:
+                    s.props = SetProps(s.props.type, s.props.flags, props.timeout, s.props.comment)   # as the kernel does
         elif verb == "flush":
             s = self._need_set(name)
             for e in s.elements.values():
