@@ -800,6 +800,14 @@ def test_partial_sync_without_existing_can_only_add():
     assert_state(table, golden("overall.expected.txt"))
 
 
+def test_partial_sync_of_a_missing_table_is_a_full_sync():
+    objs = overall()
+    payload = render_payload(objs, objs, fake_proxier(), changed={"ns1/svc1"}, existing=Table(),
+                             service_cidrs=SERVICE_CIDRS)
+    assert payload.full_sync
+    assert_state(Table.from_text(payload.text), golden("overall.expected.txt"))
+
+
 def test_sync_proxy_rules_startup():
     """Upstream's TestSyncProxyRulesStartup: the first full sync on top of a table that
     already holds part of the desired state."""

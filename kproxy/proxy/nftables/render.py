@@ -28,7 +28,8 @@ Arguments beyond upstream's objects:
   kernels before 6.2 release a chain only some time after the map element pointing to
   it is gone), and deletes stale affinity sets. Without it, a full sync flushes the six
   service sets/maps and refills them (upstream's ``readOrReset`` fallback), and a
-  partial sync can only add.
+  partial sync can only add. A partial sync against a table that does not exist yet
+  is done as a full one.
 * ``load_balancing`` (keyword): ``"vmap"``, ``"cascade"`` or ``"auto"`` (below).
 * ``style`` (keyword): ``"blocks"`` (the default) or ``"rules"``, knftables' line
   form; the same table either way (below).
@@ -537,6 +538,8 @@ def render_payload(services: Iterable[object], endpoint_slices: Iterable[object]
         raise ValueError(f"style must be blocks or rules, not {style!r}")
     ctx = _Ctx(settings, service_cidrs)
     wanted = _changed_names(changed)
+    if wanted is not None and existing is not None and not existing.exists:
+        wanted = None           # nothing there yet: a partial sync has to be a full one
     if wanted is None:
         svc_objs = [s for s in services if isinstance(s, o.Service)]
         slice_objs = [e for e in endpoint_slices if isinstance(e, (o.EndpointSlice, o.Endpoints))]
