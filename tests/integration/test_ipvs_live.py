@@ -345,3 +345,57 @@ def test_apply_converges_and_cleanup_leaves_nothing(topology):
     after = state(node)
     assert after["links"] == before["links"] and after["ipsets"] == before["ipsets"]
     assert "KUBE-" not in after["iptables"]
+
+
+EVERYTHING = """
+apiVersion: v1
+kind: Service
+metadata: {name: lb, namespace: default}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.20
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 30200
+  loadBalancerSourceRanges: [203.0.113.0/25]
+  externalIPs: [192.168.99.33]
+  sessionAffinity: ClientIP
+  ports:
+  - {name: http, port: 80, targetPort: 8080, nodePort: 30080, protocol: TCP}
+  - {name: dns, port: 53, targetPort: 8053, nodePort: 30053, protocol: UDP}
+  - {name: sctp, port: 9, targetPort: 9009, nodePort: 30009, protocol: SCTP}
+status: {loadBalancer: {ingress: [{ip: 192.168.5.240}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: lb-1, namespace: default, labels: {kubernetes.io/service-name: lb}}
+addressType: IPv4
+endpoints: [{addresses: [10.244.1.2], nodeName: node-a}, {addresses: [10.244.1.3], nodeName: node-b}]
+ports:
+- {name: http, port: 8080, protocol: TCP}
+- {name: dns, port: 8053, protocol: UDP}
+- {name: sctp, port: 9009, protocol: SCTP}
+"""
+
+
+@pytest.mark.parametrize("scheduler", ["rr", "wrr", "sh", "mh"])
+def test_every_feature_applies_and_ipvsadm_reads_back_the_plan(ipvs_ready, ns, scheduler):
+    """LoadBalancer with eTP Local, source ranges (the ``-m ipvs`` out-filter), an external
+    IP, affinity, TCP/UDP/SCTP NodePorts: the kernel takes all of it, ``ipvsadm -Sn``
+    prints back exactly the plan's lines, and iptables-save has every rule."""
+    objs = objects(EVERYTHING)
+    p = ipvs_plan(objs, objs, SETTINGS, scheduler=scheduler)
+    kipvs.apply(ns, p)
+    assert set(kipvs.saved(ns).splitlines()) == set(p.ipvsadm_restore().splitlines())
+    filt = run(ns, "iptables-save", "-t", "filter").stdout
+    for proto, port in ((6, 80), (17, 53), (132, 9)):        # iptables-save prints protocol numbers
+        assert (f"-A KUBE-IPVS-OUT-FILTER -s 192.168.5.240/32 -m ipvs --vproto {proto} --vaddr 192.168.5.240 "
+                f"--vport {port} -j DROP") in filt
+    saved_sets = run(ns, "ipset", "save").stdout
+    for s in p.ipsets.values():
+        for entry in s.entries:
+            assert f"add {s.name} {entry}" in saved_sets
+    with links.socket_in(ns) as ipr:
+        assert sorted(links.addresses(ipr, "kube-ipvs0")) == sorted(p.dummy_addresses)
+    assert kipvs.ipvsadm_sync_text(p, kipvs.saved(ns)) == ""                  # nothing left to change
+    assert kipvs.cleanup(ns) == []
+    assert kipvs.saved(ns).strip() == ""
