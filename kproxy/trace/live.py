@@ -24,7 +24,8 @@ from typing import List, Optional
 
 from kproxy.cluster import Cluster
 from kproxy.errors import KproxyError, NotFound
-from kproxy.kernel import iptables, process
+from kproxy.kernel import process
+from kproxy.proxier import proxier_for
 from kproxy.model import objects as o
 from kproxy.trace import kernel
 from kproxy.trace.capture import Capture, Point, decode, write_pcap
@@ -275,13 +276,13 @@ def run(cluster: Cluster, services, slices, source_spec: str, target_spec: str, 
             kernel.delete_table(node.netns, table)
     entry_node = cluster.node(entry)
     flavour = cluster.config.iptables_flavour
-    rules = iptables.save(entry_node.netns, "nat", flavour) + iptables.save(entry_node.netns, "filter", flavour)
+    rules = proxier_for(cluster, entry_node).ruleset()
     ours = [e for e in ct if (e.original.src == source.ip and sport <= e.original.sport < sport + count)
             or e.original.dst in ep_ips or e.reply.src in ep_ips]
     packets = [p for p in (decode(f) for f in capture.frames) if p is not None and p["proto"] in (proto, "icmp")]
     if pcap:
         write_pcap(capture.frames, pcap)
-    if flavour == "legacy":
+    if flavour == "legacy" and cluster.config.backend == "iptables":
         capture.errors.append("this cluster uses iptables-legacy, whose rules nftables tracing cannot see: "
                               "`kproxy up --iptables nft` shows every rule the packet met")
     return LiveTrace(source, target, entry, cluster.config.backend, probes, events, ours, packets, rules,
