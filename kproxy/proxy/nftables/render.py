@@ -102,6 +102,7 @@ load slowly, as they do for upstream.
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
@@ -332,8 +333,8 @@ class _Out:
         # ("set", name, timeout) | ("chain", name, [(rule, comment), ...])
         self.units: List[tuple] = []
         self.affinity_sets: List[Tuple[str, int]] = []   # (name, timeout)
-        # container -> key -> (comment, value)
-        self.elements: Dict[str, Dict[str, Tuple[Optional[str], Optional[str]]]] = {
+        # container -> key -> (key, comment, value)
+        self.elements: Dict[str, Dict[str, Tuple[str, Optional[str], Optional[str]]]] = {
             c: {} for c in n.ELEMENT_CONTAINERS}
         self.endpoints = 0
 
@@ -383,33 +384,34 @@ def _service(ctx: _Ctx, out: _Out, spn: ServicePortName, svc: ServicePortInfo,
     el = out.elements
     port = str(svc.port)
     cip = svc.cluster_ip
-    el[n.CLUSTER_IPS][cip] = (None, None)
+    el[n.CLUSTER_IPS][cip] = (cip, None, None)
     key = f"{cip} . {proto} . {port}"
     if has_internal:
-        el[n.SERVICE_IPS][key] = (None, f"goto {internal_chain}")
+        el[n.SERVICE_IPS][key] = (key, None, f"goto {internal_chain}")
     else:
-        el[n.NO_ENDPOINT_SERVICES][key] = (spn_str, internal_verdict)
+        el[n.NO_ENDPOINT_SERVICES][key] = (key, spn_str, internal_verdict)
     for ip in svc.external_ips:
         key = f"{ip} . {proto} . {port}"
         if has_endpoints:
-            el[n.SERVICE_IPS][key] = (None, f"goto {ext_chain}")
+            el[n.SERVICE_IPS][key] = (key, None, f"goto {ext_chain}")
         if not has_external:
-            el[n.NO_ENDPOINT_SERVICES][key] = (spn_str, external_verdict)
+            el[n.NO_ENDPOINT_SERVICES][key] = (key, spn_str, external_verdict)
     for ip in svc.load_balancer_vips:
         key = f"{ip} . {proto} . {port}"
         if has_endpoints:
-            el[n.SERVICE_IPS][key] = (None, f"goto {ext_chain}")
+            el[n.SERVICE_IPS][key] = (key, None, f"goto {ext_chain}")
         if uses_fw_chain:
-            el[n.FIREWALL_IPS][key] = (None, f"goto {fw_chain}")
+            el[n.FIREWALL_IPS][key] = (key, None, f"goto {fw_chain}")
     if not has_external:
         for ip in svc.load_balancer_vips:
-            el[n.NO_ENDPOINT_SERVICES][f"{ip} . {proto} . {port}"] = (spn_str, external_verdict)
+            key = f"{ip} . {proto} . {port}"
+            el[n.NO_ENDPOINT_SERVICES][key] = (key, spn_str, external_verdict)
     if svc.node_port:
         key = f"{proto} . {svc.node_port}"
         if has_endpoints:
-            el[n.SERVICE_NODEPORTS][key] = (None, f"goto {ext_chain}")
+            el[n.SERVICE_NODEPORTS][key] = (key, None, f"goto {ext_chain}")
         if not has_external:
-            el[n.NO_ENDPOINT_NODEPORTS][key] = (spn_str, external_verdict)
+            el[n.NO_ENDPOINT_NODEPORTS][key] = (key, spn_str, external_verdict)
 
     # Sets and chains with their rules, each chain after the chains it jumps to.
     units = out.units
@@ -532,6 +534,21 @@ def render_payload(services: Iterable[object], endpoint_slices: Iterable[object]
                    service_cidrs: Union[None, str, Sequence[str]] = None,
                    load_balancing: str = LB_AUTO, style: str = STYLE_BLOCKS) -> NftPayload:
     """Like ``render`` but returns the statements and what they do (an ``NftPayload``)."""
+    # The render allocates hundreds of thousands of small objects that all stay alive;
+    # the cyclic GC would scan them again and again (a third of the time at 10,000
+    # Services) and could free nothing.
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _render_payload(services, endpoint_slices, settings, changed, existing, service_cidrs,
+                               load_balancing, style)
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _render_payload(services, endpoint_slices, settings: NodeSettings, changed: ChangedSet,
+                    existing: Optional[Table], service_cidrs, load_balancing: str, style: str) -> NftPayload:
     if load_balancing not in (LB_AUTO, LB_VMAP, LB_CASCADE):
         raise ValueError(f"load_balancing must be auto, vmap or cascade, not {load_balancing!r}")
     if style not in (STYLE_BLOCKS, STYLE_RULES):
@@ -602,8 +619,7 @@ def render_payload(services: Iterable[object], endpoint_slices: Iterable[object]
             stmts.append(("chain", "add", chain, None, None))
         if existing is None or exists:
             stmts.append(("chain", "flush", chain, None, None))
-        for text, comment in rules:
-            stmts.append(("rule", "add", chain, text, comment))
+        stmts.append(("rules", "add", chain, rules))
 
     # 4. Newly stale chains: flushed now, deleted by a later sync.
     for chain in to_flush:
@@ -631,7 +647,7 @@ def _elements(ctx: _Ctx, out: _Out, existing: Optional[Table], wanted: Optional[
         if not known:
             if existing is None and wanted is None:
                 deletes.append(("set", "flush", container, kind, None))
-            new = [(k, c, v) for k, (c, v) in desired.items()]
+            new = list(desired.values())
         else:
             have = existing.elements(container)
             if wanted is None:
@@ -644,13 +660,13 @@ def _elements(ctx: _Ctx, out: _Out, existing: Optional[Table], wanted: Optional[
                     scope = _old_cluster_ips(existing, wanted) & set(have)
             drop = [k for k in scope if k not in desired]
             new = []
-            for k, (c, v) in desired.items():
+            for k, item in desired.items():
                 old = have.get(k)
                 if old is None:
-                    new.append((k, c, v))
-                elif old.value != v:
+                    new.append(item)
+                elif old.value != item[2]:
                     drop.append(k)
-                    new.append((k, c, v))
+                    new.append(item)
             if drop:
                 drop.sort()
                 for i in range(0, len(drop), ELEMENT_BATCH):

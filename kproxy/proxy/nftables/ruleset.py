@@ -43,6 +43,7 @@ class NftError(ValueError):
 #                                                    base: (type, hook, priority) or None
 #   ("set",     verb, name, kind, props)             kind: set | map; props: SetProps or None
 #   ("rule",    "add", chain, text, comment)
+#   ("rules",   "add", chain, [(text, comment), ...])  several rules appended to one chain
 #   ("element", "add", container, [(key, comment, value), ...][, (kind, SetProps)])
 #                                                    (the container's kind and props let the
 #                                                    "blocks" style write an "add map" block)
@@ -87,6 +88,8 @@ def format_element(key: str, comment: Optional[str], value: Optional[str]) -> st
 def format_statement(family: str, stmt: Stmt, table: str = n.TABLE) -> str:
     """One statement as knftables writes it (one line)."""
     kind, verb = stmt[0], stmt[1]
+    if kind == "rules":
+        return "\n".join(format_statement(family, ("rule", verb, stmt[2], t, c), table) for t, c in stmt[3])
     head = f"{verb} {kind} {family} {table}"
     if kind == "rule":
         _, _, chain, text, comment = stmt
@@ -140,6 +143,12 @@ def _format_blocks(family: str, stmts: List[Stmt], table: str) -> Iterator[str]:
     i = 0
     while i < len(stmts):
         stmt = stmts[i]
+        if stmt[0] == "rules":
+            if stmt[3]:
+                body = "".join(f"\t{_format_rule_body(t, c)}\n" for t, c in stmt[3])
+                yield f"add chain {family} {table} {stmt[2]} {{\n{body}}}"
+            i += 1
+            continue
         if stmt[0] == "rule":
             # a run of consecutive rules: group it by chain, keeping each chain's order
             order: List[str] = []
@@ -156,7 +165,8 @@ def _format_blocks(family: str, stmts: List[Stmt], table: str) -> Iterator[str]:
                 yield f"add chain {family} {table} {chain} {{\n{body}}}"
             continue
         if (stmt[0] == "chain" and stmt[1] == "add" and stmt[3] is None and stmt[4] is None
-                and i + 1 < len(stmts) and stmts[i + 1][0] == "rule" and stmts[i + 1][2] == stmt[2]):
+                and i + 1 < len(stmts) and stmts[i + 1][0] in ("rule", "rules") and stmts[i + 1][2] == stmt[2]
+                and (stmts[i + 1][0] == "rule" or stmts[i + 1][3])):
             i += 1          # the rule block right after creates the chain
             continue
         if stmt[0] == "element" and stmt[1] == "add" and len(stmt) > 4 and stmt[4] is not None:
@@ -380,7 +390,8 @@ def parse_statements(text: str) -> Tuple[Optional[str], Optional[str], List[Stmt
                             item = item[:cm.start()]
                         rules.append(("rule", "add", name, item.strip(), rcomment))
             out.append(("chain", verb, name, base, comment))
-            out.extend(rules)
+            if rules:
+                out.append(("rules", "add", name, [(r[3], r[4]) for r in rules]))
         elif kind in ("set", "map"):
             name = rest.split()[0]
             body = rest[len(name):].strip()
@@ -689,6 +700,10 @@ class Table:
         self._empty.discard(chain)
         self._ref(rule.targets, 1, self._refs)
         self._ref(rule.set_refs, 1, self._set_refs)
+
+    def _do_rules(self, verb: str, chain: str, rules) -> None:
+        for text, comment in rules:
+            self._do_rule(verb, chain, text, comment)
 
     def _do_element(self, verb: str, container: str, items, _props=None) -> None:
         self._need_table()
