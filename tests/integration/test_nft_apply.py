@@ -9,19 +9,16 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from kproxy.errors import KernelError
 from kproxy.kernel import nft
-from kproxy.model import load, loads
 from kproxy.proxy.iptables.render import NodeSettings
-from kproxy.proxy.nftables import Table, names, render, render_payload
+from kproxy.proxy.nftables import Table, render, render_payload
 from kproxy.proxy.nftables.ruleset import canonical_rule, parse_listing
 from tests.conftest import unique
 from tests.unit import test_nftables_render as unit

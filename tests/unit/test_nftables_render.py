@@ -13,12 +13,11 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Iterable, List, Optional
+from typing import Optional
 
 import pytest
 
 from kproxy.model import load, loads
-from kproxy.model import objects as o
 from kproxy.proxy.iptables.render import NodeSettings
 from kproxy.proxy.nftables import (NftError, Table, parse_statements, render, render_payload, sort_like_upstream,
                                    trace_packet)

@@ -191,7 +191,8 @@ class _Ctx:
                 vmap3, comment="vmap to drop or reject packets to services with no endpoints")),
             n.NO_ENDPOINT_NODEPORTS: ("map", SetProps(
                 vmap2, comment="vmap to drop or reject packets to service nodeports with no endpoints")),
-            n.FIREWALL_IPS: ("map", SetProps(vmap3, comment="destinations that are subject to LoadBalancerSourceRanges")),
+            n.FIREWALL_IPS: ("map", SetProps(
+                vmap3, comment="destinations that are subject to LoadBalancerSourceRanges")),
             n.SERVICE_IPS: ("map", SetProps(vmap3, comment="ClusterIP, ExternalIP and LoadBalancer IP traffic")),
             n.SERVICE_NODEPORTS: ("map", SetProps(vmap2, comment="NodePort traffic")),
         }
@@ -300,7 +301,8 @@ def _setup(ctx: _Ctx, existing: Optional[Table]) -> List[Stmt]:
     rule(n.MASQUERADING, "masquerade fully-random")
     rule(n.CLUSTER_IPS_CHECK, f"{ipx} daddr @{n.CLUSTER_IPS} reject", "Reject traffic to invalid ports of ClusterIPs")
     if ctx.service_cidrs:
-        rule(n.CLUSTER_IPS_CHECK, f"{ipx} daddr {{ {ctx.service_cidrs} }} drop", "Drop traffic to unallocated ClusterIPs")
+        rule(n.CLUSTER_IPS_CHECK, f"{ipx} daddr {{ {ctx.service_cidrs} }} drop",
+             "Drop traffic to unallocated ClusterIPs")
     rule(n.REJECT_CHAIN, "reject")
     rule(n.SERVICE_ENDPOINTS_CHECK, f"{ipx} daddr . meta l4proto . th dport vmap @{n.NO_ENDPOINT_SERVICES}")
     no_localhost = "ip6 daddr != ::1" if ctx.ipv6 else "ip daddr != 127.0.0.0/8"

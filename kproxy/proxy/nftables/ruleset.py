@@ -665,7 +665,8 @@ class Table:
                 if s.kind != kind or s.props.type != props.type:
                     raise NftError(f"{kind} {name!r} exists with another type (File exists)")
                 if props.timeout is not None and props.timeout != s.props.timeout:
-                    s.props = SetProps(s.props.type, s.props.flags, props.timeout, s.props.comment)   # as the kernel does
+                    # the kernel takes the new timeout
+                    s.props = SetProps(s.props.type, s.props.flags, props.timeout, s.props.comment)
         elif verb == "flush":
             s = self._need_set(name)
             for e in s.elements.values():
@@ -1010,10 +1011,12 @@ def parse_listing(text: str, family: str = "ip", name: str = n.TABLE) -> Table:
 
 
 _CANON = [
-    (re.compile(r"^mark set mark or (0x[0-9a-f]+)$"), lambda m: f"meta mark set meta mark | {int(m.group(1), 16):#010x}"),
+    (re.compile(r"^mark set mark or (0x[0-9a-f]+)$"),
+     lambda m: f"meta mark set meta mark | {int(m.group(1), 16):#010x}"),
     (re.compile(r"^mark and (0x[0-9a-f]+) == 0 return$"),
      lambda m: f"meta mark & {int(m.group(1), 16):#010x} == 0x00000000 return"),
-    (re.compile(r"^mark set mark xor (0x[0-9a-f]+)$"), lambda m: f"meta mark set meta mark ^ {int(m.group(1), 16):#010x}"),
+    (re.compile(r"^mark set mark xor (0x[0-9a-f]+)$"),
+     lambda m: f"meta mark set meta mark ^ {int(m.group(1), 16):#010x}"),
 ]
 _SINGLE_SET = re.compile(r"(ip6? [sd]addr (?:!= )?)\{ ([^,{}\s]+) \}")
 _ADDR_SET = re.compile(r"(ip6? [sd]addr (?:!= )?)\{ ([^{}]+) \}")
