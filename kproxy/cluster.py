@@ -135,6 +135,8 @@ class Cluster:
     def create(cls, config: ClusterConfig) -> "Cluster":
         """Build the nodes, the underlay and the external client; on failure undo all of it."""
         config.validate()
+        from kproxy.proxier import require_backend
+        require_backend(config.backend, config.ipvs_scheduler)
         directory = state.cluster_dir(config.name)
         if os.path.exists(os.path.join(directory, "journal.jsonl")):
             raise ConfigError(f"cluster {config.name!r} already exists or was not cleaned "

@@ -34,6 +34,7 @@ class ClusterConfig:
     lb_pool: Optional[str] = "192.168.5.240/28"
     backend: str = "iptables"
     iptables_flavour: str = "nft"      # iptables-nft (traceable) or iptables-legacy (faster restores)
+    ipvs_scheduler: str = "rr"         # IPVS mode's --ipvs-scheduler
     vxlan_id: int = 1
     vxlan_port: int = 8472             # flannel's port
 

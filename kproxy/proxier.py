@@ -37,10 +37,10 @@ def fingerprints(services: List[o.Service], slices: List[o.EndpointSlice]) -> Di
     return out
 
 
-class IptablesProxier:
-    """kube-proxy's iptables mode for one node (state kept in the cluster's proxy_state)."""
+class Proxier:
+    """What every mode shares: the node, its remembered state, change detection."""
 
-    name = "iptables"
+    name = ""
 
     def __init__(self, cluster, node):
         self.cluster = cluster
@@ -50,15 +50,36 @@ class IptablesProxier:
                                      cluster_cidr=cluster.config.pod_cidr)
         self.flavour = cluster.config.iptables_flavour
 
+    def changes(self, prints: Dict[str, str], force_full: bool) -> Optional[Set[str]]:
+        """None for a full sync, else the Services ("ns/name") whose fingerprint changed."""
+        if force_full or not self.state.get("synced"):
+            return None
+        before: Dict[str, str] = self.state.get("fingerprints", {})
+        return {k for k in set(before) | set(prints) if before.get(k) != prints.get(k)}
+
+    def forget(self) -> None:
+        self.cluster.proxy_state.get("nodes", {}).pop(self.node.name, None)
+
+    def explain(self, services, slices, src: str, proto: str, dst: str, dport: int) -> dict:
+        """`kproxy explain` of a new packet through the rules this node holds now."""
+        from kproxy.explain import explain
+        return explain(self.ruleset(), src, proto, dst, dport, node_ips=[self.node.ip],
+                       cluster_cidr=self.cluster.config.pod_cidr, node=self.node.name).to_dict()
+
+    def ruleset(self) -> str:
+        raise NotImplementedError
+
+
+class IptablesProxier(Proxier):
+    """kube-proxy's iptables mode for one node (state kept in the cluster's proxy_state)."""
+
+    name = "iptables"
+
     def sync(self, services, slices, prints: Dict[str, str], force_full: bool = False) -> str:
         """Bring the node's rules to the desired state; returns "full", "partial" or "none"."""
-        before: Dict[str, str] = self.state.get("fingerprints", {})
-        full = force_full or not self.state.get("synced")
-        changed: Optional[Set[str]] = None
-        if not full:
-            changed = {k for k in set(before) | set(prints) if before.get(k) != prints.get(k)}
-            if not changed:
-                return "none"
+        changed = self.changes(prints, force_full)
+        if changed is not None and not changed:
+            return "none"
         existing = set(self.state.get("active_chains", []))
         try:
             kind = self._write(services, slices, changed, existing)
@@ -99,10 +120,10 @@ class IptablesProxier:
                 chains += sorted(c for c in present[table] if names.is_service_chain(c))
             lines += [f"*{table}"] + [f":{c} - [0:0]" for c in chains] + [f"-X {c}" for c in chains] + ["COMMIT"]
         iptables.restore(ns, "\n".join(lines) + "\n", self.flavour)
-        self.cluster.proxy_state.get("nodes", {}).pop(self.node.name, None)
+        self.forget()
 
 
-class NftablesProxier:
+class NftablesProxier(Proxier):
     """kube-proxy's nftables mode for one node: table `ip kube-proxy`, verdict maps.
 
     A partial sync is rendered against the table the kernel holds (read back with
@@ -110,24 +131,13 @@ class NftablesProxier:
 
     name = "nftables"
 
-    def __init__(self, cluster, node):
-        self.cluster = cluster
-        self.node = node
-        self.state = cluster.proxy_state.setdefault("nodes", {}).setdefault(node.name, {})
-        self.settings = NodeSettings(node_name=node.name, node_ips=[node.ip],
-                                     cluster_cidr=cluster.config.pod_cidr)
-
     def sync(self, services, slices, prints: Dict[str, str], force_full: bool = False) -> str:
         from kproxy.kernel import nft
         from kproxy.proxy.nftables import render_payload as nft_render
 
-        before: Dict[str, str] = self.state.get("fingerprints", {})
-        full = force_full or not self.state.get("synced")
-        changed: Optional[Set[str]] = None
-        if not full:
-            changed = {k for k in set(before) | set(prints) if before.get(k) != prints.get(k)}
-            if not changed:
-                return "none"
+        changed = self.changes(prints, force_full)
+        if changed is not None and not changed:
+            return "none"
         svc_cidr = self.cluster.config.service_cidr
         try:
             existing = nft.read_table(self.node.netns)
@@ -148,23 +158,69 @@ class NftablesProxier:
     def cleanup(self) -> None:
         from kproxy.kernel import nft
         nft.delete_table(self.node.netns)
-        self.cluster.proxy_state.get("nodes", {}).pop(self.node.name, None)
+        self.forget()
 
     def ruleset(self) -> str:
         from kproxy.kernel import nft
         return nft.list_table_text(self.node.netns) or ""
 
 
-BACKENDS = {"iptables": IptablesProxier, "nftables": NftablesProxier}
+class IpvsProxier(Proxier):
+    """kube-proxy's IPVS mode for one node: kube-ipvs0, ipsets, virtual servers, and the
+    iptables rules IPVS mode still needs.  Needs a kernel with IP_VS (see `make test-vm`)."""
+
+    name = "ipvs"
+
+    def __init__(self, cluster, node):
+        super().__init__(cluster, node)
+        # NodePorts listen on every node address: eth0 and the cni0 gateway
+        self.settings = NodeSettings(node_name=node.name, node_ips=[node.ip, node.gateway],
+                                     cluster_cidr=cluster.config.pod_cidr)
+
+    def plan(self, services, slices):
+        from kproxy.proxy.ipvs import plan
+        return plan(services, slices, self.settings, scheduler=self.cluster.config.ipvs_scheduler)
+
+    def sync(self, services, slices, prints: Dict[str, str], force_full: bool = False) -> str:
+        from kproxy.kernel import ipvs
+        changed = self.changes(prints, force_full)
+        if changed is not None and not changed:
+            return "none"
+        ipvs.apply(self.node.netns, self.plan(services, slices), self.flavour, incremental=changed is not None)
+        self.state.update(fingerprints=prints, synced=True)
+        return "full" if changed is None else "partial"
+
+    def cleanup(self) -> None:
+        from kproxy.kernel import ipvs
+        ipvs.cleanup(self.node.netns, self.flavour)
+        self.forget()
+
+    def ruleset(self) -> str:
+        from kproxy.kernel import ipvs
+        ns = self.node.netns
+        return ipvs.saved(ns) + iptables.save(ns, "nat", self.flavour) + iptables.save(ns, "filter", self.flavour)
+
+    def explain(self, services, slices, src: str, proto: str, dst: str, dport: int) -> dict:
+        from kproxy.proxy.ipvs import explain
+        return explain(self.plan(services, slices), src, proto, dst, dport, node_ips=list(self.settings.node_ips),
+                       cluster_cidr=self.cluster.config.pod_cidr)
+
+
+BACKENDS = {"iptables": IptablesProxier, "nftables": NftablesProxier, "ipvs": IpvsProxier}
+
+
+def require_backend(backend: str, scheduler: str = "rr") -> None:
+    """Fail at once, naming the missing kernel feature, when this kernel cannot run ``backend``."""
+    if backend == "ipvs":
+        from kproxy.kernel import ipvs
+        ok, reason = ipvs.available(scheduler)
+        if not ok:
+            raise KernelError(f"IPVS mode cannot run here: {reason}")
 
 
 def proxier_for(cluster, node, backend: Optional[str] = None):
     backend = backend or cluster.config.backend
-    if backend == "ipvs":
-        from kproxy.kernel import ipvs
-        ok, reason = ipvs.available()
-        if not ok:
-            raise KernelError(reason)
+    require_backend(backend, cluster.config.ipvs_scheduler)
     try:
         return BACKENDS[backend](cluster, node)
     except KeyError:

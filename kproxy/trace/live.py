@@ -99,8 +99,7 @@ class LiveTrace:
     conntrack: List[kernel.ConntrackEntry]
     packets: List[dict]
     rules: str                                   # iptables-save of the entry node (nat + filter)
-    entry_ip: str = ""
-    cluster_cidr: Optional[str] = None
+    expected: dict = field(default_factory=dict)   # `explain` of the same flow on the entry node's rules
     capture_errors: List[str] = field(default_factory=list)
     pcap: Optional[str] = None
     seconds: float = 0.0
@@ -276,7 +275,9 @@ def run(cluster: Cluster, services, slices, source_spec: str, target_spec: str, 
             kernel.delete_table(node.netns, table)
     entry_node = cluster.node(entry)
     flavour = cluster.config.iptables_flavour
-    rules = proxier_for(cluster, entry_node).ruleset()
+    proxier = proxier_for(cluster, entry_node)
+    rules = proxier.ruleset()
+    expected = proxier.explain(services, slices, source.ip, proto, target.ip, target.port)
     ours = [e for e in ct if (e.original.src == source.ip and sport <= e.original.sport < sport + count)
             or e.original.dst in ep_ips or e.reply.src in ep_ips]
     packets = [p for p in (decode(f) for f in capture.frames) if p is not None and p["proto"] in (proto, "icmp")]
@@ -286,4 +287,4 @@ def run(cluster: Cluster, services, slices, source_spec: str, target_spec: str, 
         capture.errors.append("this cluster uses iptables-legacy, whose rules nftables tracing cannot see: "
                               "`kproxy up --iptables nft` shows every rule the packet met")
     return LiveTrace(source, target, entry, cluster.config.backend, probes, events, ours, packets, rules,
-                     entry_node.ip, cluster.config.pod_cidr, capture.errors, pcap, time.monotonic() - started)
+                     expected, capture.errors, pcap, time.monotonic() - started)

@@ -10,13 +10,25 @@ from __future__ import annotations
 import re
 from typing import Dict, List, Optional
 
-from kproxy.explain import explain
 from kproxy.trace.kernel import ConntrackEntry, TraceEvent
 from kproxy.trace.live import LiveTrace
 
 _COMMENT = re.compile(r'^-A (\S+) .*?--comment (?:"([^"]*)"|(\S+))')
 _DNAT = re.compile(r"--to-destination (\S+)")
-_NAT_CHAINS = ("PREROUTING", "OUTPUT", "POSTROUTING", "INPUT")
+# Where a packet's NAT decisions start and end: iptables' nat table, or the base chains
+# of kube-proxy's nftables table.
+_DNAT_ENTRY = {("nat", "PREROUTING"), ("nat", "OUTPUT"), ("kube-proxy", "nat-prerouting"),
+               ("kube-proxy", "nat-output")}
+_SNAT_CHAINS = {("nat", "POSTROUTING"), ("nat", "KUBE-POSTROUTING"), ("kube-proxy", "nat-postrouting"),
+                ("kube-proxy", "masquerading")}
+
+
+def _dnat_entry(e: TraceEvent) -> bool:
+    return (e.table, e.chain) in _DNAT_ENTRY
+
+
+def _snat(e: TraceEvent) -> bool:
+    return (e.table, e.chain) in _SNAT_CHAINS
 
 
 class RuleBook:
@@ -67,13 +79,13 @@ def _first_packet_rules(t: LiveTrace) -> List[TraceEvent]:
         if any(e.table == "kproxy-trace" or e.table.startswith("kproxy-trace") for e in g) and \
                 all(e.table.startswith("kproxy-trace") for e in g):
             continue
-        if rules and any(e.table == "nat" and e.chain in ("PREROUTING", "OUTPUT") for e in g):
+        if rules and any(_dnat_entry(e) for e in g):
             break                           # a second packet's nat walk: first packet done
         rules += [e for e in g if e.kind in ("rule", "policy") and not e.table.startswith("kproxy-trace")]
-        if any(e.table == "nat" and e.chain == "POSTROUTING" for e in g) or \
+        if any(_snat(e) for e in g) or \
                 any(e.verdict in ("drop",) or "reject" in e.text for e in g):
             break
-    last_post = max((i for i, e in enumerate(rules) if e.table == "nat" and "POSTROUTING" in e.chain), default=None)
+    last_post = max((i for i, e in enumerate(rules) if _snat(e)), default=None)
     return rules if last_post is None else rules[:last_post + 1]
 
 
@@ -87,21 +99,20 @@ def build(t: LiveTrace) -> dict:
         (c for c in t.conntrack if c.node == t.entry_node and c.original.src == t.source.ip
          and c.original.sport == sport), None)
     rules = _first_packet_rules(t)
-    chosen_sep = next((e.verdict.split()[-1] for e in rules if e.verdict.endswith(tuple(book.dnat)) and
-                       "KUBE-SEP-" in e.verdict), None)
-    # what could have happened, from the same rules walked offline (kproxy explain)
-    expected = explain(t.rules, t.source.ip, t.target.proto.lower(), t.target.ip, t.target.port,
-                       node_ips=[t.entry_ip], cluster_cidr=t.cluster_cidr, node=t.entry_node).to_dict()
+    dnat_event = next((e for e in rules if "dnat to" in e.text), None)
+    # what could have happened: the same rules walked offline (kproxy explain)
+    expected = t.expected
     candidates = expected["candidates"]
-    masq_rule = next((e for e in rules if e.verdict.endswith("KUBE-MARK-MASQ")), None)
+    # iptables mode jumps to KUBE-MARK-MASQ, nftables mode to mark-for-masquerade
+    masq_rule = next((e for e in rules if e.verdict.endswith(("KUBE-MARK-MASQ", "mark-for-masquerade"))), None)
     masq_reason = ""
     if masq_rule is not None:
         c = masq_rule.chain
-        if c.startswith("KUBE-EXT-"):
+        if c.startswith(("KUBE-EXT-", "external-")):
             masq_reason = "traffic to an external destination (NodePort/LoadBalancer/externalIP) with externalTrafficPolicy Cluster"
-        elif c.startswith("KUBE-SEP-"):
+        elif c.startswith(("KUBE-SEP-", "endpoint-")):
             masq_reason = "hairpin: the pod reached itself through its own Service"
-        elif c.startswith(("KUBE-SVC-", "KUBE-SVL-")):
+        elif c.startswith(("KUBE-SVC-", "KUBE-SVL-", "service-", "local-")):
             masq_reason = "a source outside the cluster CIDR sent to a ClusterIP"
         else:
             masq_reason = f"marked in {c}"
@@ -117,10 +128,11 @@ def build(t: LiveTrace) -> dict:
         found = [ln for ln in book.lines if ln.startswith(f"-A {reject.chain} ") and f"-j {target}" in ln
                  and f"--dport {t.target.port}" in ln]
         found.sort(key=lambda ln: f"-d {t.target.ip}/" not in ln)
-        if found:
-            m = _COMMENT.match(found[0])
-            if m:
-                verdict["reason"] = m.group(2) or m.group(3)
+        m = _COMMENT.match(found[0]) if found else None
+        if m:
+            verdict["reason"] = m.group(2) or m.group(3)
+        elif expected["verdict"]["action"] == action:
+            verdict["reason"] = expected["verdict"]["reason"]      # nftables: the map element's comment
     elif flow_ct is not None and flow_ct.dnat:
         verdict = {"action": "DNAT", "reason": f"{flow_ct.original.dst}:{flow_ct.original.dport} -> "
                                                f"{flow_ct.reply.src}:{flow_ct.reply.sport}"}
@@ -134,7 +146,7 @@ def build(t: LiveTrace) -> dict:
     refused_after_dnat = (verdict["action"] == "DNAT" and first and not first.get("ok")
                           and "Refused" in first.get("error", ""))
     later = [g for g in _by_packet(t.events) if g[0].node == t.entry_node]
-    later_nat = sum(1 for g in later[1:] if any(e.table == "nat" and e.chain in _NAT_CHAINS[:2] for e in g))
+    later_nat = sum(1 for g in later[1:] if any(_dnat_entry(e) for e in g))
     report = {
         "source": "live",
         "flow": {"from": t.source.label, "src": t.source.ip, "sport": sport, "proto": t.target.proto.lower(),
@@ -147,7 +159,8 @@ def build(t: LiveTrace) -> dict:
                  for e in rules],
         "candidates": candidates,
         "expected": {"verdict": expected["verdict"], "masquerade": expected["masquerade"]},
-        "chosen": ({"chain": chosen_sep, "endpoint": book.dnat.get(chosen_sep)} if chosen_sep else None),
+        "chosen": ({"chain": dnat_event.chain, "endpoint": dnat_event.text.split("dnat to", 1)[1].split()[0]}
+                   if dnat_event else None),
         "masquerade": {"applied": bool(flow_ct and flow_ct.snat) or masq_rule is not None,
                        "reason": masq_reason or ("" if not (flow_ct and flow_ct.snat) else "SNAT seen in conntrack")},
         "verdict": verdict,

@@ -16,7 +16,7 @@ import pytest
 from kproxy.explain import explain
 from kproxy.reconcile import current_view
 from kproxy.trace import live, story
-from tests.integration.test_services import Lab, deployment, service
+from tests.integration.test_services import BACKENDS, Lab, deployment, service
 
 pytestmark = pytest.mark.root
 SEED = int(os.environ.get("KPROXY_FLOW_SEED", "20261129"))
@@ -40,9 +40,9 @@ def layout(rng: random.Random) -> str:
     return "\n".join(docs)
 
 
-@pytest.fixture
-def lab(make_cluster, tmp_path):
-    c = make_cluster(nodes=3)
+@pytest.fixture(params=BACKENDS)
+def lab(request, make_cluster, tmp_path):
+    c = make_cluster(nodes=3, backend=request.param)
     lab = Lab(c, tmp_path)
     yield lab
     lab.store.close()
@@ -69,8 +69,9 @@ def test_explain_and_live_trace_agree(lab):
         t = live.run(lab.c, services, slices, src, dst, timeout=1.0)
         live_report = story.build(t)
         offline = explain(t.rules, t.source.ip, "tcp", t.target.ip, t.target.port,
-                          node_ips=[t.entry_ip], cluster_cidr=lab.c.config.pod_cidr).to_dict()
-        where = f"flow {i}: {src} -> {dst} ({svc.name}, {svc.type}, eTP {svc.external_traffic_policy})"
+                          node_ips=[lab.c.node(t.entry_node).ip], cluster_cidr=lab.c.config.pod_cidr).to_dict()
+        where = (f"{lab.backend} flow {i}: {src} -> {dst} ({svc.name}, {svc.type}, "
+                 f"eTP {svc.external_traffic_policy})")
         action = offline["verdict"]["action"]
         got = live_report["verdict"]["action"]
         assert got == action, f"{where}: explain says {action}, the kernel did {got}: {live_report['verdict']}"

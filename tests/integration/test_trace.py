@@ -7,7 +7,7 @@ import pytest
 
 from kproxy.reconcile import current_view
 from kproxy.trace import live, story
-from tests.integration.test_services import Lab, deployment, service
+from tests.integration.test_services import BACKENDS, Lab, deployment, service
 
 pytestmark = pytest.mark.root
 
@@ -15,9 +15,9 @@ SCHEMA_KEYS = {"source", "flow", "service", "hops", "candidates", "masquerade", 
                "conntrack", "packets", "trace_events", "later_packets", "probes", "path", "diagram"}
 
 
-@pytest.fixture
-def lab(make_cluster, tmp_path):
-    c = make_cluster(nodes=2)
+@pytest.fixture(params=BACKENDS)
+def lab(request, make_cluster, tmp_path):
+    c = make_cluster(nodes=2, backend=request.param)
     lab = Lab(c, tmp_path)
     yield lab
     lab.store.close()
