@@ -164,6 +164,19 @@ def test_ipv6_table_loads(netns):
     assert_kernel_matches(netns, Table.from_text(out, family="ip6"), family="ip6")
 
 
+def test_longest_names_load(netns):
+    """63-character namespace, Service and port names: chain names cut to 240 + prefix,
+    element comments cut to nft's 128."""
+    ns_, svc, port = unit.LONG_NS, unit.LONG_SVC, unit.LONG_PORT
+    text = (unit.svc_yaml(ns_, svc, "172.30.0.41", [(port, 443, "TCP", 3001)], "NodePort")
+            + unit.slice_yaml(ns_, svc, [("10.180.0.1", None)], [(port, 443, "TCP")])
+            + unit.svc_yaml(ns_, "empty", "172.30.0.42", [(port, 443, "TCP", 3002)], "NodePort"))
+    objs = unit.objects(text)
+    out = render(objs, objs, unit.fake_proxier(), existing=Table(), service_cidrs=CIDRS)
+    nft.apply(netns, out)
+    assert_kernel_matches(netns, Table.from_text(out))
+
+
 def test_delete_table_and_refusals(netns):
     assert nft.delete_table(netns) is False
     assert nft.read_table(netns).exists is False

@@ -177,6 +177,15 @@ def test_truncated_endpoint_chains_render_and_load():
                    f"[{ep1}]:443, [{ep2}]:443", False)])
 
 
+def test_long_service_port_names_are_cut_to_nfts_comment_limit():
+    text = (svc_yaml(LONG_NS, LONG_SVC, "172.30.0.41", [(LONG_PORT, 443, "TCP")])
+            + svc_yaml(LONG_NS, "short", "172.30.0.42", [(LONG_PORT, 443, "TCP")]))
+    table = synced(objects(text))
+    comments = {e.comment for e in table.elements(names.NO_ENDPOINT_SERVICES).values()}
+    assert comments == {f"{LONG_NS}/{LONG_SVC}:"[:128], f"{LONG_NS}/short:{LONG_PORT}"[:128]}
+    assert table.owned_elements(f"{LONG_NS}/{LONG_SVC}") == {names.NO_ENDPOINT_SERVICES: {"172.30.0.41 . tcp . 443"}}
+
+
 # --------------------------------------------------------------------------- upstream's sort
 
 

@@ -98,6 +98,7 @@ PER_SERVICE_PREFIXES = (SERVICE_PREFIX, LOCAL_PREFIX, EXTERNAL_PREFIX, ENDPOINT_
                         FIREWALL_PREFIX)
 
 NAME_LENGTH_MAX = 256                    # knftables.NameLengthMax
+COMMENT_LENGTH_MAX = 128                 # nft: "comment too long, 128 characters maximum allowed"
 CHAIN_NAME_PREFIX_LENGTH_MAX = 16
 CHAIN_NAME_BASE_LENGTH_MAX = NAME_LENGTH_MAX - CHAIN_NAME_PREFIX_LENGTH_MAX   # 240
 

@@ -351,7 +351,7 @@ def _service(ctx: _Ctx, out: _Out, spn: ServicePortName, svc: ServicePortInfo,
     local_chain = n.LOCAL_PREFIX + base
     ext_chain = n.EXTERNAL_PREFIX + base
     fw_chain = n.FIREWALL_PREFIX + base
-    spn_str = str(spn)
+    spn_str = str(spn)[:n.COMMENT_LENGTH_MAX]      # nft refuses longer comments; ns/svc always fits
 
     cat = categorize_endpoints(endpoints, svc, s.node_name, s.zone)
     has_endpoints = cat.has_any
