@@ -439,6 +439,73 @@ def trace(ctx, source, target, namespace, udp, http, count, output, pcap):
         click.echo(story.text(report, color=sys.stdout.isatty()))
 
 
+@main.group(name="proxy-mode")
+def proxy_mode():
+    """Show or switch kube-proxy's mode (iptables, nftables, ipvs) on a running cluster."""
+
+
+@proxy_mode.command(name="get")
+@click.pass_context
+def proxy_mode_get(ctx):
+    """Print the cluster's proxy mode."""
+    click.echo(_open(ctx).config.backend)
+
+
+@proxy_mode.command(name="set")
+@click.argument("mode", type=click.Choice(["iptables", "nftables", "ipvs"]))
+@click.pass_context
+def proxy_mode_set(ctx, mode):
+    """Switch every node to MODE: the old mode's rules go, the new mode's come, pods stay.
+
+    Example: kproxy proxy-mode set nftables
+    """
+    from kproxy.reconcile import open_store, switch_mode
+    cluster = _open(ctx)
+    old = cluster.config.backend
+    store = open_store(cluster)
+    try:
+        gaps = switch_mode(cluster, store, mode)
+    finally:
+        store.close()
+    if not gaps:
+        click.echo(f"the cluster already runs kube-proxy in {mode} mode")
+        return
+    click.echo(f"switched from {old} to {mode} mode on {len(gaps)} nodes")
+    for node, gap in gaps.items():
+        click.echo(f"  {node}: new connections had no rules for {gap * 1000:.0f} ms "
+                   f"(old rules removed -> new rules in place)")
+
+
+@main.command()
+@click.argument("service", metavar="[NS/]SVC")
+@click.option("--backend", "modes", multiple=True, type=click.Choice(["iptables", "nftables", "ipvs"]),
+              help="A mode to show (repeat); default: all three.")
+@click.option("--node", default=None, help="The node whose rules to show (default: the first).")
+@click.option("-n", "--namespace", default="default", show_default=True)
+@click.pass_context
+def rules(ctx, service, modes, node, namespace):
+    """The rules that implement one Service in each proxy mode, side by side.
+
+    Every line is labelled with the Service port or the endpoint it comes from. The
+    rules are rendered for the running cluster's objects: no mode has to be active.
+
+    Example: kproxy rules wordpress --backend iptables --backend nftables
+    """
+    from kproxy import rules as rules_mod
+    cluster = _open(ctx)
+    ns, _, name = service.rpartition("/")
+    ns = ns or namespace
+    services, slices = _view(cluster)
+    svc = next((s for s in services if s.name == name and s.namespace == ns), None)
+    if svc is None:
+        raise KproxyError(f'services "{name}" not found in namespace {ns}')
+    n = cluster.node(node) if node else cluster.nodes[0]
+    modes = list(modes) or list(rules_mod.MODES)
+    settings = rules_mod.NodeSettings(node_name=n.name, node_ips=[n.ip], cluster_cidr=cluster.config.pod_cidr)
+    grouped = rules_mod.rules_for(services, slices, svc, settings, modes, cluster.config.service_cidr)
+    click.echo(rules_mod.text(svc, grouped, modes))
+
+
 @main.command()
 @click.pass_context
 def demo(ctx):

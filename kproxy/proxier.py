@@ -17,7 +17,7 @@ from kproxy.errors import KernelError
 from kproxy.kernel import iptables, links
 from kproxy.model import objects as o
 from kproxy.proxy.iptables import names
-from kproxy.proxy.iptables.jumps import CLEANUP_CHAINS, JUMP_RULES, all_jump_rules
+from kproxy.proxy.iptables.jumps import CLEANUP_CHAINS, all_jump_rules
 from kproxy.proxy.iptables.render import NodeSettings, render_payload
 
 
@@ -108,14 +108,16 @@ class IptablesProxier(Proxier):
 
     def cleanup(self) -> None:
         """Upstream's CleanupLeftovers: the jump rules, then kube-proxy's chains in both
-        tables (kubelet's KUBE-FIREWALL stays), in one restore."""
+        tables, in one restore.  Upstream leaves kubelet's KUBE-FIREWALL; here kproxy
+        played kubelet's part and made it, so it goes too: nothing of the mode is left."""
         ns = self.node.netns
-        iptables.remove_jumps(ns, JUMP_RULES, self.flavour)
+        iptables.remove_jumps(ns, all_jump_rules(), self.flavour)
         present = {t: {ln[1:].split()[0] for ln in iptables.save(ns, t, self.flavour).splitlines()
                        if ln.startswith(":")} for t in ("filter", "nat")}
         lines = []
         for table in ("filter", "nat"):
-            chains = [c for c in CLEANUP_CHAINS[table] if c in present[table]]
+            chains = [c for c in CLEANUP_CHAINS[table] + ((names.KUBE_FIREWALL,) if table == "filter" else ())
+                      if c in present[table]]
             if table == "nat":
                 chains += sorted(c for c in present[table] if names.is_service_chain(c))
             lines += [f"*{table}"] + [f":{c} - [0:0]" for c in chains] + [f"-X {c}" for c in chains] + ["COMMIT"]

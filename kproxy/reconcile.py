@@ -271,3 +271,28 @@ def current_view(cluster: Cluster, store: Store):
     """(services, endpoint slices) as they stand: for `get svc`, `describe`, `rules`."""
     objs = store.objects()
     return _services_and_slices(cluster, objs, desired_pods(objs))
+
+
+def switch_mode(cluster: Cluster, store: Store, mode: str) -> Dict[str, float]:
+    """Move every node to proxy mode ``mode``: the old mode's objects are removed
+    completely, the new mode's programmed from the same Services and endpoints.  Pods
+    keep their addresses; connections already NATed keep their conntrack entries.
+    Returns, per node, how long new connections through it had no rules (seconds)."""
+    from kproxy.proxier import require_backend
+    old = cluster.config.backend
+    if mode == old:
+        return {}
+    require_backend(mode, cluster.config.ipvs_scheduler)
+    services, slices = current_view(cluster, store)
+    prints = fingerprints(services, slices)
+    gaps: Dict[str, float] = {}
+    for node in cluster.nodes:
+        before = proxier_for(cluster, node, old)
+        after = proxier_for(cluster, node, mode)
+        t = time.monotonic()
+        before.cleanup()
+        after.sync(services, slices, prints, force_full=True)
+        gaps[node.name] = time.monotonic() - t
+    cluster.config.backend = mode
+    cluster.save()
+    return gaps
