@@ -356,9 +356,12 @@ def _service(ctx: _Ctx, out: _Out, spn: ServicePortName, svc: ServicePortInfo,
     cat = categorize_endpoints(endpoints, svc, s.node_name, s.zone)
     has_endpoints = cat.has_any
     ep_names: Dict[str, Tuple[str, str]] = {}           # "ip:port" -> (chain, affinity set)
+    reachable = []                                      # (endpoint, "ip:port", chain, affinity set)
     for ep in cat.all_reachable:
         b = n.endpoint_chain_base(ns, name, proto, port_name, ep.ip, ep.port)
-        ep_names[str(ep)] = (n.ENDPOINT_PREFIX + b, n.AFFINITY_PREFIX + b)
+        ep_str = str(ep)
+        names_ = ep_names[ep_str] = (n.ENDPOINT_PREFIX + b, n.AFFINITY_PREFIX + b)
+        reachable.append((ep, ep_str) + names_)
     affinity = svc.client_ip_affinity
 
     uses_cluster_chain = bool(cat.cluster) and svc.uses_cluster_endpoints
@@ -422,17 +425,16 @@ def _service(ctx: _Ctx, out: _Out, spn: ServicePortName, svc: ServicePortInfo,
             out.affinity_sets.append((aff, svc.sticky_max_age_seconds))
             units.append(("set", aff, svc.sticky_max_age_seconds))
 
-    def chain_unit(chain: str, rules: List[Tuple[str, Optional[str]]]) -> None:
-        out.chains.append(chain)
-        units.append(("chain", chain, rules))
-
-    for ep in cat.all_reachable:
-        chain, aff = ep_names[str(ep)]
-        rules = [(f"{ipx} saddr {ep.ip} jump {n.MARK_MASQ}", None)]
+    chains = out.chains
+    masq_jump = f"jump {n.MARK_MASQ}"
+    for ep, ep_str, chain, aff in reachable:
         if affinity:
-            rules.append((f"update @{aff} {{ {ipx} saddr }}", None))
-        rules.append((f"meta l4proto {proto} dnat to {ep}", None))
-        chain_unit(chain, rules)
+            rules = [(f"{ipx} saddr {ep.ip} {masq_jump}", None), (f"update @{aff} {{ {ipx} saddr }}", None),
+                     (f"meta l4proto {proto} dnat to {ep_str}", None)]
+        else:
+            rules = [(f"{ipx} saddr {ep.ip} {masq_jump}", None), (f"meta l4proto {proto} dnat to {ep_str}", None)]
+        chains.append(chain)
+        units.append(("chain", chain, rules))
 
     masq_rule = None
     if has_internal:
@@ -446,7 +448,8 @@ def _service(ctx: _Ctx, out: _Out, spn: ServicePortName, svc: ServicePortInfo,
             continue
         rules = [masq_rule] if masq_rule is not None and chain == internal_chain else []
         _dispatch(ctx, rules, eps, ep_names, affinity, cascade)
-        chain_unit(chain, rules)
+        chains.append(chain)
+        units.append(("chain", chain, rules))
 
     if uses_ext_chain:
         rules = []
@@ -459,14 +462,16 @@ def _service(ctx: _Ctx, out: _Out, spn: ServicePortName, svc: ServicePortInfo,
             rules.append((f"fib saddr type local goto {cluster_chain}", "short-circuit local traffic"))
         if has_external:
             rules.append((f"goto {external_policy_chain}", None))
-        chain_unit(ext_chain, rules)
+        chains.append(ext_chain)
+        units.append(("chain", ext_chain, rules))
 
     if uses_fw_chain:
         sources = list(svc.load_balancer_source_ranges)
         node_ip = ctx.node_ip
         if node_ip is not None and any(node_ip in ipaddress.ip_network(c) for c in sources):
             sources += list(svc.load_balancer_vips)
-        chain_unit(fw_chain, [(f"{ipx} saddr != {{ {' , '.join(sources)} }} drop", None)])
+        chains.append(fw_chain)
+        units.append(("chain", fw_chain, [(f"{ipx} saddr != {{ {' , '.join(sources)} }} drop", None)]))
 
 
 def _dispatch(ctx: _Ctx, rules: List[Tuple[str, Optional[str]]], endpoints: Sequence[EndpointInfo],

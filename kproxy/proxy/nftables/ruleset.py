@@ -145,8 +145,8 @@ def _format_blocks(family: str, stmts: List[Stmt], table: str) -> Iterator[str]:
         stmt = stmts[i]
         if stmt[0] == "rules":
             if stmt[3]:
-                body = "".join(f"\t{_format_rule_body(t, c)}\n" for t, c in stmt[3])
-                yield f"add chain {family} {table} {stmt[2]} {{\n{body}}}"
+                body = "\n\t".join([t if c is None else f"{t} comment {quote(c)}" for t, c in stmt[3]])
+                yield f"add chain {family} {table} {stmt[2]} {{\n\t{body}\n}}"
             i += 1
             continue
         if stmt[0] == "rule":
