@@ -107,47 +107,57 @@ def externally_accessible_service(svc: o.Service) -> bool:
 def service_port_infos(svc: o.Service, ip_family: str = "IPv4") -> Dict[ServicePortName, ServicePortInfo]:
     """The Service's ports as the proxier of ``ip_family`` sees them; empty for
     Services that are skipped or have no ClusterIP of that family."""
-    if should_skip_service(svc):
-        return {}
-    cluster_ip = _cluster_ip_text(svc, ip_family)
-    if cluster_ip is None:
-        return {}
-    external_local = externally_accessible_service(svc) and svc.external_traffic_policy == "Local"
-    internal_local = svc.internal_traffic_policy == "Local"
-    sticky = svc.session_affinity_timeout if svc.session_affinity == "ClientIP" else 0
+    return {info.name: info for info in service_port_list(svc, ip_family)}
 
-    external_ips = tuple(_ips_of_family(svc.external_ips, ip_family)) if svc.external_ips else ()
-    ranges: List[str] = []
-    for text in svc.load_balancer_source_ranges:
-        parsed = cidr_text_family(text.strip())
-        if parsed is not None and parsed[1] == ip_family:
-            ranges.append(parsed[0])
-    vips: List[str] = []
-    for ing in svc.load_balancer_ingress:
-        if not ing.ip or ing.ip_mode not in (None, "", "VIP"):
-            continue
-        parsed = ip_text_family(ing.ip)
-        if parsed is not None and parsed[1] == ip_family:
-            vips.append(parsed[0])
-    health = svc.health_check_node_port if (svc.type == "LoadBalancer" and external_local) else 0
 
+def service_port_list(svc: o.Service, ip_family: str = "IPv4") -> List[ServicePortInfo]:
+    """``service_port_infos`` as a list, in the order of the Service's ports."""
+    type_, cluster_ip = svc.type, svc.cluster_ip
+    if type_ == "ExternalName" or not cluster_ip or cluster_ip == "None":      # should_skip_service
+        return []
+    canonical = None
+    for text in svc.cluster_ips or (cluster_ip,):
+        parsed = ip_text_family(text)
+        if parsed is not None and parsed[1] == ip_family:
+            canonical = parsed[0]
+            break
+    if canonical is None:
+        return []
+    external_ips = svc.external_ips
+    external_local = ((type_ == "LoadBalancer" or type_ == "NodePort" or (type_ == "ClusterIP" and bool(external_ips)))
+                      and svc.external_traffic_policy == "Local")
+    affinity = svc.session_affinity
+    vips: Tuple[str, ...] = ()
+    if svc.load_balancer_ingress:
+        vips = tuple(_ips_of_family([ing.ip for ing in svc.load_balancer_ingress
+                                     if ing.ip and ing.ip_mode in (None, "", "VIP")], ip_family))
+    ranges: Tuple[str, ...] = ()
+    if svc.load_balancer_source_ranges:
+        parsed_ranges = [cidr_text_family(text.strip()) for text in svc.load_balancer_source_ranges]
+        ranges = tuple(p[0] for p in parsed_ranges if p is not None and p[1] == ip_family)
     # The frozen dataclasses are made through their ``__dict__`` (every field set):
-    # their __init__ costs more than the rest of the map.
-    out: Dict[ServicePortName, ServicePortInfo] = {}
-    namespace, name = svc.namespace, svc.name
-    common = dict(cluster_ip=cluster_ip, load_balancer_vips=tuple(vips),
-                  session_affinity=svc.session_affinity, sticky_max_age_seconds=sticky,
-                  external_ips=external_ips, load_balancer_source_ranges=tuple(ranges),
-                  health_check_node_port=health, external_policy_local=external_local,
-                  internal_policy_local=internal_local)
+    # their __init__ costs more than the rest of this.
+    fields = {"cluster_ip": canonical, "load_balancer_vips": vips, "session_affinity": affinity,
+              "sticky_max_age_seconds": svc.session_affinity_timeout if affinity == "ClientIP" else 0,
+              "external_ips": tuple(_ips_of_family(external_ips, ip_family)) if external_ips else (),
+              "load_balancer_source_ranges": ranges,
+              "health_check_node_port": svc.health_check_node_port if (type_ == "LoadBalancer" and external_local)
+              else 0,
+              "external_policy_local": external_local, "internal_policy_local": svc.internal_traffic_policy == "Local"}
+    meta = svc.metadata
+    namespace, name = meta.namespace or o.DEFAULT_NAMESPACE, meta.name
     new = object.__new__
+    out = []
     for p in svc.ports:
         spn = new(ServicePortName)
-        spn.__dict__.update(namespace=namespace, name=name, port=p.name, protocol=p.protocol)
+        d = spn.__dict__
+        d["namespace"], d["name"], d["port"], d["protocol"] = namespace, name, p.name, p.protocol
         info = new(ServicePortInfo)
-        info.__dict__.update(common, name=spn, port=p.port, protocol=p.protocol, node_port=p.node_port,
-                             target_port=p.target_port)
-        out[spn] = info
+        d = info.__dict__
+        d.update(fields)
+        d["name"], d["port"], d["protocol"], d["node_port"], d["target_port"] = (
+            spn, p.port, p.protocol, p.node_port, p.target_port)
+        out.append(info)
     return out
 
 
@@ -230,8 +240,9 @@ def endpoints_by_port(slices: Iterable[object], node_name: str,
     """``endpoints_map`` keyed by the tuple (namespace, service name, port name,
     protocol) instead of a ServicePortName (cheaper to make and to look up)."""
     flat: List[o.EndpointSlice] = []
+    Endpoints = o.Endpoints
     for item in slices:
-        if isinstance(item, o.Endpoints):
+        if isinstance(item, Endpoints):
             flat.extend(item.to_endpoint_slices())
         else:
             flat.append(item)  # type: ignore[arg-type]
@@ -250,7 +261,8 @@ def endpoints_by_port(slices: Iterable[object], node_name: str,
             continue
         if len(ports) > 1:
             ports.sort(key=_port_of)
-        # the endpoints of this family, in address order, as EndpointInfo fields
+        # the endpoints of this family, in address order: ("IP:" or "[IP]:", terminating,
+        # the EndpointInfo fields but the port)
         endpoints = []
         listed = [e for e in es.endpoints if e.addresses]
         if len(listed) > 1:
@@ -258,14 +270,15 @@ def endpoints_by_port(slices: Iterable[object], node_name: str,
         for e in listed:
             parsed = ip_text_family(e.addresses[0])
             if parsed is not None and parsed[1] == ip_family:
+                ip = parsed[0]
                 cond = e.conditions
-                endpoints.append((
-                    parsed[0], cond.terminating is True,
-                    dict(is_local=bool(node_name) and e.node_name == node_name,
-                         ready=cond.ready is not False, serving=cond.serving is not False,
-                         terminating=cond.terminating is True, node_name=e.node_name or "", zone=e.zone or "",
-                         zone_hints=frozenset(e.hints_for_zones) if e.hints_for_zones else _EMPTY,
-                         node_hints=frozenset(e.hints_for_nodes) if e.hints_for_nodes else _EMPTY)))
+                terminating = cond.terminating is True
+                endpoints.append((f"[{ip}]:" if ":" in ip else f"{ip}:", terminating, {
+                    "ip": ip, "is_local": bool(node_name) and e.node_name == node_name,
+                    "ready": cond.ready is not False, "serving": cond.serving is not False,
+                    "terminating": terminating, "node_name": e.node_name or "", "zone": e.zone or "",
+                    "zone_hints": frozenset(e.hints_for_zones) if e.hints_for_zones else _EMPTY,
+                    "node_hints": frozenset(e.hints_for_nodes) if e.hints_for_nodes else _EMPTY}))
         namespace = meta.namespace or default_ns
         for port in ports:
             key = (namespace, svc_name, port.name or "", port.protocol or "TCP")
@@ -273,12 +286,16 @@ def endpoints_by_port(slices: Iterable[object], node_name: str,
             if bucket is None:
                 bucket = by_port[key] = {}
             number = int(port.port)
-            for ip, terminating, fields in endpoints:
-                host_port = f"[{ip}]:{number}" if ":" in ip else f"{ip}:{number}"
+            text = str(number)
+            for prefix, terminating, fields in endpoints:
+                host_port = prefix + text
                 if terminating and host_port in bucket:
                     continue
                 info = new(EndpointInfo)
-                info.__dict__.update(fields, ip=ip, port=number, _host_port=host_port)
+                d = info.__dict__
+                d.update(fields)
+                d["port"] = number
+                d["_host_port"] = host_port
                 bucket[host_port] = info
     return {key: ([eps[k] for k in sorted(eps)] if len(eps) > 1 else list(eps.values()))
             for key, eps in by_port.items() if eps}

@@ -37,7 +37,7 @@ from kproxy.proxy.iptables import names as n
 from kproxy.proxy.netutil import IPAddress, parse_cidr_sloppy, parse_ip_sloppy
 from kproxy.proxy.netutil import clear_caches as clear_netutil_caches
 from kproxy.proxy.types import (EndpointInfo, ServicePortInfo, ServicePortName, endpoints_by_port,
-                                service_group_fingerprint, service_port_map, slice_service_key)
+                                service_group_fingerprint, service_port_list)
 
 
 @dataclass(frozen=True)
@@ -152,15 +152,15 @@ class Payload:
     shows in ``text`` as it used to).
     """
 
-    _PARTS = ("filter_chains", "filter_rules", "nat_chains", "nat_rules")
-
     def __init__(self, filter_chains: Optional[List[str]] = None, filter_rules: Optional[List[str]] = None,
                  nat_chains: Optional[List[str]] = None, nat_rules: Optional[List[str]] = None,
                  active_nat_chains: Optional[Set[str]] = None, deleted_chains: Optional[List[str]] = None,
                  large_cluster_mode: bool = False, full_sync: bool = True):
-        self._chunks: List[List[str]] = [list(part or ()) for part in
-                                         (filter_chains, filter_rules, nat_chains, nat_rules)]
-        self._lines: List[Optional[List[str]]] = [None] * 4
+        # Either lines (as given here), or chunks (as the renderer makes them: multi-line
+        # strings, "" for none) split into lines when a part is asked for.
+        self._lines: List[Optional[List[str]]] = [list(part or ()) for part in
+                                                  (filter_chains, filter_rules, nat_chains, nat_rules)]
+        self._chunks: List[List[str]] = [[], [], [], []]
         self._text: Optional[str] = None
         self.active_nat_chains: Set[str] = set() if active_nat_chains is None else active_nat_chains
         self.deleted_chains: List[str] = [] if deleted_chains is None else deleted_chains
@@ -170,14 +170,14 @@ class Payload:
     @classmethod
     def _from_chunks(cls, chunks: List[List[str]], **kw) -> "Payload":
         out = cls(**kw)
-        out._chunks = chunks
+        out._chunks, out._lines = chunks, [None] * 4
         return out
 
     def _part(self, i: int) -> List[str]:
         lines = self._lines[i]
         if lines is None:
-            chunks = self._chunks[i]
-            lines = self._lines[i] = "\n".join(chunks).split("\n") if chunks else []
+            text = "\n".join(filter(None, self._chunks[i]))
+            lines = self._lines[i] = text.split("\n") if text else []
         return lines
 
     def _set_part(self, i: int, lines: List[str]) -> None:
@@ -190,12 +190,13 @@ class Payload:
 
     @property
     def text(self) -> str:
-        parts = [self._lines[i] if self._lines[i] is not None else self._chunks[i] for i in range(4)]
-        if any(lines is not None for lines in self._lines):
-            return "\n".join(["*filter", *parts[0], *parts[1], "COMMIT", "*nat", *parts[2], *parts[3], "COMMIT"]) + "\n"
+        if any(part is not None for part in self._lines):   # as the lists are now (they may have been edited)
+            parts = [self._part(i) for i in range(4)]
+            return "\n".join(["*filter", *parts[0], *parts[1], "COMMIT", "*nat", *parts[2], *parts[3],
+                              "COMMIT"]) + "\n"
         if self._text is None:
-            self._text = "\n".join(["*filter", *parts[0], *parts[1], "COMMIT",
-                                    "*nat", *parts[2], *parts[3], "COMMIT"]) + "\n"
+            fc, fr, nc, nr = self._chunks
+            self._text = "\n".join(filter(None, ["*filter", *fc, *fr, "COMMIT", "*nat", *nc, *nr, "COMMIT"])) + "\n"
         return self._text
 
     def __eq__(self, other: object) -> bool:
@@ -255,19 +256,47 @@ def render_payload(services: Iterable[object], endpoint_slices: Iterable[object]
     and EndpointSlices / core-v1 Endpoints respectively, are used.
     """
     ctx = _context(settings)
-    svc_groups = _group_services(services)
+    groups, keys = _group_services(services)
     slice_groups = _group_slices(endpoint_slices)
-    prepared = []
+    order = sorted(groups, key=keys.__getitem__)
+    # Large-cluster mode needs the endpoint total, known once every Service is prepared;
+    # rendering each one as soon as it is prepared keeps the garbage collector quiet.
+    # So the mode is guessed from an upper bound of the total (exact when it says
+    # "not large"), and everything is rendered again in the rare case it was wrong.
+    guess = sum(map(_endpoint_bound, (slice_groups.get(name, ()) for name in order))) > _THRESHOLD
+    rendered, total = _render_all(ctx, order, groups, slice_groups, guess)
+    large = total > _THRESHOLD
+    if large != guess:
+        rendered = _render_all(ctx, order, groups, slice_groups, large)[0]
+    return _assemble(ctx, rendered, _changed_names(changed), existing_chains, large)
+
+
+_THRESHOLD = n.LARGE_CLUSTER_ENDPOINTS_THRESHOLD
+
+
+def _render_all(ctx: _Context, order: List[str], groups: Dict[str, List[o.Service]],
+                slice_groups: Dict[str, List[object]], large: bool) -> Tuple[List[Tuple[str, "_Rendered"]], int]:
+    """Every Service rendered (in ``order``) and the endpoint total."""
+    rendered = []
     total = 0
-    for key in sorted(svc_groups):
-        ports, count = _prepare(ctx, svc_groups[key], slice_groups.get(key))
-        if ports:
-            prepared.append((key, ports))
-            total += count
-    large = total > n.LARGE_CLUSTER_ENDPOINTS_THRESHOLD
-    wanted = _changed_names(changed)
-    rendered = [(f"{key[0]}/{key[1]}", _render_service(ctx, ports, large)) for key, ports in prepared]
-    return _assemble(ctx, rendered, wanted, existing_chains, large)
+    for name in order:
+        ports, count = _prepare(ctx, name, groups[name], slice_groups.get(name))
+        total += count
+        rendered.append((name, _render_service(ctx, ports, large) if ports else _EMPTY_RENDER))
+    return rendered, total
+
+
+def _endpoint_bound(items: Iterable[object]) -> int:
+    """At least as many as the endpoints these slices give the endpoints map: each
+    endpoint counts once per port of its slice."""
+    total = 0
+    for item in items:
+        if isinstance(item, o.Endpoints):
+            for sub in item.subsets:
+                total += (len(sub.addresses) + len(sub.not_ready_addresses)) * len(sub.ports)
+        else:
+            total += len(item.endpoints) * len(item.ports)  # type: ignore[attr-defined]
+    return total
 
 
 def _changed_names(changed: ChangedSet) -> Optional[Set[str]]:
@@ -410,64 +439,96 @@ _context.cache_clear = _cached_context.cache_clear  # type: ignore[attr-defined]
 # --------------------------------------------------------------------------- inputs
 
 
-def _group_services(services: Iterable[object]) -> Dict[ServiceKey, List[o.Service]]:
-    """The Services by (namespace, name), in input order."""
-    out: Dict[ServiceKey, List[o.Service]] = {}
-    Service = o.Service
-    default = o.DEFAULT_NAMESPACE
+def _group_services(services: Iterable[object],
+                    only: Optional[Set[str]] = None) -> Tuple[Dict[str, List[o.Service]], Dict[str, ServiceKey]]:
+    """The Services by ``"namespace/name"``, in input order, and each name's
+    (namespace, name), which orders them (``only``: just those names)."""
+    out: Dict[str, List[o.Service]] = {}
+    keys: Dict[str, ServiceKey] = {}
+    Service, default = o.Service, o.DEFAULT_NAMESPACE
     for svc in services:
         if isinstance(svc, Service):
             meta = svc.metadata
-            key = (meta.namespace or default, meta.name)
-            group = out.get(key)
+            ns = meta.namespace or default
+            name = f"{ns}/{meta.name}"
+            if only is not None and name not in only:
+                continue
+            group = out.get(name)
             if group is None:
-                out[key] = [svc]
+                out[name] = [svc]
+                keys[name] = (ns, meta.name)
             else:
                 group.append(svc)
-    return out
+    return out, keys
 
 
-def _group_slices(endpoint_slices: Iterable[object],
-                  only: Optional[Set[ServiceKey]] = None) -> Dict[ServiceKey, List[object]]:
-    """The EndpointSlices and Endpoints by the (namespace, name) of their Service, in
-    input order (``only``: just those Services)."""
-    out: Dict[ServiceKey, List[object]] = {}
-    kinds = (o.EndpointSlice, o.Endpoints)
+def _group_slices(endpoint_slices: Iterable[object], only: Optional[Set[str]] = None,
+                  short: Optional[Set[str]] = None) -> Dict[str, List[object]]:
+    """The EndpointSlices and Endpoints by the ``"namespace/name"`` of their Service,
+    in input order (``only``: just those Services, whose names without the namespace
+    are ``short``)."""
+    out: Dict[str, List[object]] = {}
+    Slice, Endpoints = o.EndpointSlice, o.Endpoints
+    label, default = o.SERVICE_NAME_LABEL, o.DEFAULT_NAMESPACE
     for item in endpoint_slices:
-        if isinstance(item, kinds):
-            key = slice_service_key(item)
-            if key is None or (only is not None and key not in only):
+        if isinstance(item, Slice):
+            meta = item.metadata
+            svc_name = meta.labels.get(label)
+            if not svc_name:
                 continue
-            group = out.get(key)
-            if group is None:
-                out[key] = [item]
-            else:
-                group.append(item)
+        elif isinstance(item, Endpoints):
+            meta = item.metadata
+            svc_name = meta.name
+        else:
+            continue
+        if short is not None and svc_name not in short:
+            continue
+        name = f"{meta.namespace or default}/{svc_name}"
+        if only is not None and name not in only:
+            continue
+        group = out.get(name)
+        if group is None:
+            out[name] = [item]
+        else:
+            group.append(item)
     return out
 
 
 Prepared = List[Tuple[str, ServicePortInfo, List[EndpointInfo]]]
 
 
-def _port_order(item):
-    spn = item[0]
-    return spn.port, spn.protocol
-
-
-def _prepare(ctx: _Context, services: List[o.Service], items: Optional[List[object]]) -> Tuple[Prepared, int]:
-    """The ports of one Service (sorted as ServicePortNames sort) with their endpoints,
-    and how many endpoints they have in all (for large-cluster mode)."""
-    svc_map = service_port_map(services, ctx.ip_family)
-    if not svc_map:
+def _prepare(ctx: _Context, name: str, services: List[o.Service], items: Optional[List[object]]
+             ) -> Tuple[Prepared, int]:
+    """The ports of the Service ``name`` ("namespace/name") in ServicePortName order,
+    each as (its ServicePortName string, ServicePortInfo, endpoints), and how many
+    endpoints they have in all (for large-cluster mode)."""
+    family = ctx.ip_family
+    if len(services) == 1:
+        infos = service_port_list(services[0], family)
+        if not infos:
+            return [], 0
+    else:
+        infos = [info for svc in services for info in service_port_list(svc, family)]
+    if len(infos) > 1:             # one per ServicePortName, the last one winning, sorted
+        by_port = {}
+        for info in infos:
+            by_port[(info.name.port, info.name.protocol)] = info
+        infos = sorted(by_port.values(), key=_port_key)
+    elif not infos:
         return [], 0
-    ep_map = endpoints_by_port(items, ctx.node_name, ctx.ip_family) if items else {}
+    ep_map = endpoints_by_port(items, ctx.node_name, family) if items else None
     ports = []
     count = 0
-    for spn, info in (sorted(svc_map.items(), key=_port_order) if len(svc_map) > 1 else svc_map.items()):
+    for info in infos:
+        spn = info.name
         eps = ep_map.get((spn.namespace, spn.name, spn.port, spn.protocol), ()) if ep_map else ()
         count += len(eps)
-        ports.append((str(spn), info, eps))
+        ports.append((f"{name}:{spn.port}" if spn.port else name, info, eps))
     return ports, count
+
+
+def _port_key(info: ServicePortInfo) -> Tuple[str, str]:
+    return info.name.port, info.name.protocol
 
 
 # --------------------------------------------------------------------------- one Service
@@ -681,35 +742,37 @@ def _assemble(ctx: _Context, rendered: Iterable[Tuple[str, _Rendered]], changed:
               existing_chains: Optional[Iterable[str]], large: bool) -> Payload:
     """The payload from the Services' chunks (in order): every Service's capture and
     filter rules, and the own chains of those in ``changed`` (all when None)."""
-    filter_rules = [ctx.filter_head] if ctx.filter_head else []
-    nat_chains = [ctx.nat_chains]
-    nat_rules = [ctx.nat_head]
+    filter_rules: List[str] = []
+    nat_chains: List[str] = []
+    nat_rules: List[str] = []
     active: Set[str] = set()
     for name, r in rendered:
-        if r.filter_rules:
-            filter_rules.append(r.filter_rules)
+        filter_rules.append(r.filter_rules)
         if changed is None or name in changed:
-            if r.chain_lines:
-                nat_chains.append(r.chain_lines)
-            if r.nat_rules:
-                nat_rules.append(r.nat_rules)
-        elif r.capture:
+            nat_chains.append(r.chain_lines)
+            nat_rules.append(r.nat_rules)
+        else:
             nat_rules.append(r.capture)
-        if r.chains:
-            active.update(r.chains)
-    deleted: List[str] = []
+        active.update(r.chains)
+    return _payload(ctx, filter_rules, nat_rules, nat_chains, changed is None, existing_chains, active, large)
+
+
+def _payload(ctx: _Context, filter_rules: List[str], nat_rules: List[str], nat_chains: List[str], full: bool,
+             existing_chains: Optional[Iterable[str]], active: Union[Set[str], Dict[str, int]],
+             large: bool) -> Payload:
+    """The payload around the Services' chunks ("" for none): the fixed chains and
+    rules, and the stale chains of ``existing_chains`` (those not in ``active``)."""
+    deleted = []
     if existing_chains is not None:
-        for chain in sorted(set(existing_chains) - active):
-            if n.is_service_chain(chain):
-                nat_chains.append(f":{chain} - [0:0]")
-                nat_rules.append(f"-X {chain}")
-                deleted.append(chain)
-    if ctx.nat_tail:
-        nat_rules.append(ctx.nat_tail)
-    filter_rules.append(ctx.filter_tail)
-    return Payload._from_chunks([[ctx.filter_chains], filter_rules, nat_chains, nat_rules],
-                                active_nat_chains=active, deleted_chains=deleted,
-                                large_cluster_mode=large, full_sync=changed is None)
+        gone = set(existing_chains)
+        gone.difference_update(active)
+        deleted = sorted(c for c in gone if n.is_service_chain(c))
+    chunks = [[ctx.filter_chains], [ctx.filter_head, *filter_rules, ctx.filter_tail],
+              [ctx.nat_chains, *nat_chains, *[f":{c} - [0:0]" for c in deleted]],
+              [ctx.nat_head, *nat_rules, *[f"-X {c}" for c in deleted], ctx.nat_tail]]
+    return Payload._from_chunks(chunks, active_nat_chains=active if isinstance(active, set) else set(active),
+                                deleted_chains=deleted,
+                                large_cluster_mode=large, full_sync=full)
 
 
 # --------------------------------------------------------------------------- incremental
@@ -718,14 +781,15 @@ def _assemble(ctx: _Context, rendered: Iterable[Tuple[str, _Rendered]], changed:
 class _Entry:
     """What an IncrementalRenderer remembers of one Service."""
 
-    __slots__ = ("name", "fingerprint", "count", "large", "rendered")
+    __slots__ = ("key", "fingerprint", "count", "large", "rendered", "pos")
 
-    def __init__(self, name: str, fingerprint: Hashable, count: int):
-        self.name = name                    # "namespace/name"
+    def __init__(self, key: ServiceKey, fingerprint: Hashable):
+        self.key = key                      # (namespace, name)
         self.fingerprint = fingerprint      # of the Service objects and their slices
-        self.count = count                  # endpoints of its ports (large-cluster mode)
+        self.count = 0                      # endpoints of its ports (large-cluster mode)
         self.large: Optional[bool] = None   # the mode ``rendered`` was made in (None: either)
         self.rendered: _Rendered = _EMPTY_RENDER
+        self.pos = -1                       # its place in the sorted order
 
 
 class IncrementalRenderer:
@@ -735,35 +799,36 @@ class IncrementalRenderer:
     It keeps each Service's share of the payload (its filter rules, its nat capture
     rules in KUBE-SERVICES / KUBE-NODEPORTS, its own chains and their rules) keyed by a
     fingerprint of the Service objects and of the EndpointSlices / Endpoints that name
-    it. A call fingerprints every Service, re-renders those whose fingerprint moved (and
-    those whose own chains it writes that were rendered in the other large-cluster
-    mode), and joins the kept pieces. The result equals ``render_payload(services,
-    endpoint_slices, settings, changed, existing_chains)`` exactly, whatever the calls
-    before it were: nothing is reused without an equal fingerprint.
+    it (``types.service_group_fingerprint``). A call fingerprints every Service,
+    re-renders those whose fingerprint moved (and those whose own chains it writes that
+    were rendered in the other large-cluster mode), and joins the kept pieces. The
+    result equals ``render_payload(services, endpoint_slices, settings, changed,
+    existing_chains)`` exactly, whatever the calls before it were: nothing is reused
+    without an equal fingerprint.
 
     ``fingerprints`` (optional): ``{"namespace/name": value}`` the caller already has,
-    e.g. from ``kproxy.proxy.types.service_fingerprints`` or digests of its own; the
-    renderer then does not fingerprint those Services (and does not even look at the
-    slices of unchanged ones): the cheapest partial sync. A value must change whenever
-    anything of the Service or of its slices changes. Services missing from the mapping
-    are fingerprinted by the renderer.
+    from ``types.service_fingerprints`` or digests of its own; the renderer then does
+    not fingerprint those Services, nor look at the slices of unchanged ones: the
+    cheapest partial sync. A value must change whenever anything of the Service or of
+    its slices does (the caller vouches for it). Services missing from the mapping are
+    fingerprinted by the renderer.
     """
 
     def __init__(self, settings: NodeSettings):
         self.settings = settings
         self._ctx = _context(settings)
-        self._entries: Dict[ServiceKey, _Entry] = {}
-        self._keys: Set[ServiceKey] = set()
-        self._order: List[ServiceKey] = []           # the keys, sorted
-        self._by_name: Dict[str, ServiceKey] = {}    # "namespace/name" -> key
-        self._in_mode = {False: 0, True: 0}          # entries rendered in each large-cluster mode
-        self.last_rendered = 0                       # Services (re-)rendered by the last call
+        self.clear()
 
     def clear(self) -> None:
         """Forget every Service (the next call renders them all)."""
-        self._entries.clear()
-        self._keys, self._order, self._by_name = set(), [], {}
-        self._in_mode = {False: 0, True: 0}
+        self._entries: Dict[str, _Entry] = {}        # by "namespace/name"
+        self._order: List[str] = []                  # the names, sorted by (namespace, name)
+        self._filter: List[str] = []                 # each one's filter rules, in that order
+        self._capture: List[str] = []                # each one's nat capture rules, in that order
+        self._active: Dict[str, int] = {}            # chain -> how many Services have it
+        self._total = 0                              # endpoints, for large-cluster mode
+        self._in_mode = {False: 0, True: 0}          # Services rendered in each mode
+        self.last_rendered = 0                       # Services (re-)rendered by the last call
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -782,60 +847,130 @@ class IncrementalRenderer:
         ctx, entries = self._ctx, self._entries
         if not isinstance(endpoint_slices, (list, tuple)):
             endpoint_slices = list(endpoint_slices)
-        svc_groups = _group_services(services)
-        slice_groups: Optional[Dict[ServiceKey, List[object]]] = None
+        given = {} if fingerprints is None else fingerprints
 
-        # 1. Fingerprint every Service; the new and changed ones are stale.
-        stale: List[ServiceKey] = []
-        for key, svcs in svc_groups.items():
-            fp = None
-            if fingerprints is not None:
-                fp = fingerprints.get(f"{key[0]}/{key[1]}")
+        # 1. The Services by name: the new ones and those whose fingerprint moved are
+        # stale. With a given fingerprint that did not move, a Service is not looked at
+        # further (no allocation per unchanged Service: the garbage collector stays quiet).
+        groups: Dict[str, List[o.Service]] = {}      # the Service objects of the possibly stale
+        keys: Dict[str, ServiceKey] = {}
+        seen: Set[str] = set()
+        Service, default = o.Service, o.DEFAULT_NAMESPACE
+        for svc in services:
+            if not isinstance(svc, Service):
+                continue
+            meta = svc.metadata
+            ns = meta.namespace or default
+            name = f"{ns}/{meta.name}"
+            group = groups.get(name)
+            if group is not None:
+                group.append(svc)
+                continue
+            if name in seen:
+                continue                             # another object of an unchanged Service
+            seen.add(name)
+            fp = given.get(name)
+            if fp is not None:
+                entry = entries.get(name)
+                if entry is not None and entry.fingerprint == fp:
+                    continue
+            groups[name] = [svc]
+            keys[name] = (ns, meta.name)
+        slice_groups: Optional[Dict[str, List[object]]] = None
+        stale: List[str] = []
+        for name, svcs in groups.items():
+            fp = given.get(name)
             if fp is None:
                 if slice_groups is None:
                     slice_groups = _group_slices(endpoint_slices)
-                fp = service_group_fingerprint(svcs, slice_groups.get(key, ()))
-            entry = entries.get(key)
+                fp = service_group_fingerprint(svcs, slice_groups.get(name, ()))
+            entry = entries.get(name)
             if entry is None:
-                entries[key] = _Entry(f"{key[0]}/{key[1]}", fp, 0)
-                stale.append(key)
+                entries[name] = _Entry(keys[name], fp)
+                stale.append(name)
             elif entry.fingerprint != fp:
                 entry.fingerprint = fp
-                stale.append(key)
-        if svc_groups.keys() != self._keys:
-            for key in self._keys - svc_groups.keys():
-                self._set_mode(entries.pop(key), None)
-            self._keys = set(svc_groups)
-            self._order = sorted(self._keys)
-            self._by_name = {entries[key].name: key for key in self._order}
+                stale.append(name)
+        if len(entries) != len(seen):
+            for name in [name for name in entries if name not in seen]:
+                self._drop(entries.pop(name))
+        if len(self._order) != len(entries) or any(entries[name].pos < 0 for name in stale):
+            self._reorder()
 
-        # 2. The ports and endpoints of the stale ones (their endpoint counts decide the mode).
-        prepared: Dict[ServiceKey, Prepared] = {}
+        # 2. Render the stale ones, in the large-cluster mode their endpoint counts are
+        # likely to give (as render_payload guesses it); step 3 mends a wrong guess.
         if stale:
-            slice_groups = _slices_for(endpoint_slices, slice_groups, stale)
-            for key in stale:
-                prepared[key], entries[key].count = _prepare(ctx, svc_groups[key], slice_groups.get(key))
-        large = sum(e.count for e in entries.values()) > n.LARGE_CLUSTER_ENDPOINTS_THRESHOLD
+            slice_groups = _slices_for(endpoint_slices, slice_groups, stale, entries)
+            bound = self._total - sum(entries[name].count for name in stale)
+            guess = bound + sum(_endpoint_bound(slice_groups.get(name, ())) for name in stale) > _THRESHOLD
+            for name in stale:
+                ports, count = _prepare(ctx, name, groups[name], slice_groups.get(name))
+                entry = entries[name]
+                self._total += count - entry.count
+                entry.count = count
+                self._put(entry, _render_service(ctx, ports, guess) if ports else _EMPTY_RENDER, guess)
+        large = self._total > _THRESHOLD
         wanted = _changed_names(changed)
 
-        # 3. Services whose own chains this payload writes, kept from the other mode.
+        # 3. Services whose own chains this payload writes, rendered in the other mode.
+        again: List[str] = []
         if self._in_mode[not large]:
-            names = self._by_name if wanted is None else wanted
-            other = [key for key in (self._by_name.get(name) for name in names)
-                     if key is not None and key not in prepared and entries[key].large is (not large)]
-            if other:
-                slice_groups = _slices_for(endpoint_slices, slice_groups, other)
-                for key in other:
-                    prepared[key] = _prepare(ctx, svc_groups[key], slice_groups.get(key))[0]
+            names = self._order if wanted is None else wanted
+            again = [name for name in names if name in entries and entries[name].large is (not large)]
+            if again:
+                missing = {name for name in again if name not in groups}
+                if missing:
+                    groups.update(_group_services(services, only=missing)[0])
+                slice_groups = _slices_for(endpoint_slices, slice_groups, again, entries)
+                for name in again:
+                    ports = _prepare(ctx, name, groups[name], slice_groups.get(name))[0]
+                    self._put(entries[name], _render_service(ctx, ports, large) if ports else _EMPTY_RENDER, large)
+        self.last_rendered = len(set(stale).union(again))
 
-        # 4. Render those, and join every Service's pieces.
-        for key, ports in prepared.items():
-            entry = entries[key]
-            entry.rendered = _render_service(ctx, ports, large) if ports else _EMPTY_RENDER
-            self._set_mode(entry, large if entry.count > 0 else None)
-        self.last_rendered = len(prepared)
-        return _assemble(ctx, [(entries[key].name, entries[key].rendered) for key in self._order],
-                         wanted, existing_chains, large)
+        # 4. Join every Service's pieces.
+        if wanted is None:
+            rendered = [entries[name].rendered for name in self._order]
+            nat = [r.nat_rules for r in rendered]
+            chains = [r.chain_lines for r in rendered]
+        else:
+            nat = list(self._capture)
+            written = sorted((entries[name].pos, entries[name].rendered) for name in wanted if name in entries)
+            for pos, r in written:
+                nat[pos] = r.nat_rules
+            chains = [r.chain_lines for _, r in written]
+        return _payload(ctx, self._filter, nat, chains, wanted is None, existing_chains, self._active, large)
+
+    def _put(self, entry: _Entry, rendered: _Rendered, large: bool) -> None:
+        """Keep ``rendered`` (made in mode ``large``) as the entry's pieces."""
+        active = self._active
+        for chain in entry.rendered.chains:
+            if active[chain] == 1:
+                del active[chain]
+            else:
+                active[chain] -= 1
+        for chain in rendered.chains:
+            active[chain] = active.get(chain, 0) + 1
+        entry.rendered = rendered
+        self._set_mode(entry, large if entry.count > 0 else None)
+        self._filter[entry.pos] = rendered.filter_rules
+        self._capture[entry.pos] = rendered.capture
+
+    def _drop(self, entry: _Entry) -> None:
+        for chain in entry.rendered.chains:
+            if self._active[chain] == 1:
+                del self._active[chain]
+            else:
+                self._active[chain] -= 1
+        self._total -= entry.count
+        self._set_mode(entry, None)
+
+    def _reorder(self) -> None:
+        entries = self._entries
+        self._order = sorted(entries, key=lambda name: entries[name].key)
+        for pos, name in enumerate(self._order):
+            entries[name].pos = pos
+        self._filter = [entries[name].rendered.filter_rules for name in self._order]
+        self._capture = [entries[name].rendered.capture for name in self._order]
 
     def _set_mode(self, entry: _Entry, large: Optional[bool]) -> None:
         if entry.large is not None:
@@ -845,12 +980,12 @@ class IncrementalRenderer:
             self._in_mode[large] += 1
 
 
-def _slices_for(endpoint_slices: Sequence[object], slice_groups: Optional[Dict[ServiceKey, List[object]]],
-                keys: List[ServiceKey]) -> Dict[ServiceKey, List[object]]:
-    """Slices grouped by Service, at least for ``keys``."""
+def _slices_for(endpoint_slices: Sequence[object], slice_groups: Optional[Dict[str, List[object]]],
+                names: List[str], entries: Dict[str, _Entry]) -> Dict[str, List[object]]:
+    """Slices grouped by Service, at least for the Services ``names``."""
     if slice_groups is not None:
         return slice_groups
-    return _group_slices(endpoint_slices, only=set(keys))
+    return _group_slices(endpoint_slices, set(names), {entries[name].key[1] for name in names})
 
 
 _SHARED: Dict[NodeSettings, IncrementalRenderer] = {}
