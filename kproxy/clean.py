@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from cni import netns
 from kproxy import snapshot, state
+from kproxy.dns import resolv as dns_resolv
 from kproxy.kernel import process
 
 
@@ -82,6 +83,16 @@ def clean_cluster(name: str, remove_state: bool = True) -> CleanReport:
             if netns.delete(ns):
                 report.namespaces_removed.append(ns)
             journal.record("release-netns", name=ns)
+        entries = journal.entries()
+        for e in entries:
+            if e.op == "etc-netns":             # a pod's resolv.conf directory, by its exact name
+                dns_resolv.uninstall(e.data["name"])
+        for e in entries:
+            if e.op == "etc-netns-base":        # /etc/netns, if kproxy made it and it is empty now
+                try:
+                    os.rmdir(e.data["path"])
+                except OSError:
+                    pass
         journal.close()
         shutil.rmtree(os.path.join(d, "ipam"), ignore_errors=True)
         report.problems = verify(name)

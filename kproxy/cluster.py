@@ -22,6 +22,7 @@ from typing import Iterable, Optional, Sequence
 from cni import invoke as cni_invoke
 from cni import netns
 from kproxy import naming, snapshot, state
+from kproxy.dns import resolv as dns_resolv
 from kproxy.config import ClusterConfig
 from kproxy.errors import ConfigError, KproxyError, NotFound
 from kproxy.kernel import links, process
@@ -317,6 +318,7 @@ class Cluster:
             self._release_netns(ns_name)
             raise
         ip = result["ips"][0]["address"].split("/")[0]
+        self._install_resolv_conf(ns_name, namespace)
         pod = Pod(name=name, namespace=namespace, node=node.name, netns=ns_name, ip=ip,
                   container_id=container_id, labels=labels)
         self.pods[pod.key] = pod
@@ -325,6 +327,16 @@ class Cluster:
     def _release_netns(self, ns_name: str) -> None:
         netns.delete(ns_name)
         self.journal.record("release-netns", name=ns_name)
+        if dns_resolv.uninstall(ns_name):
+            self.journal.record("release-etc-netns", name=ns_name)
+
+    def _install_resolv_conf(self, ns_name: str, namespace: str) -> None:
+        """The pod's /etc/resolv.conf as kubelet writes it for dnsPolicy ClusterFirst; `ip
+        netns exec` bind-mounts /etc/netns/<netns>/resolv.conf over /etc/resolv.conf."""
+        if not os.path.isdir(dns_resolv.NETNS_ETC):
+            self.journal.record("etc-netns-base", path=dns_resolv.NETNS_ETC)
+        self.journal.record("etc-netns", name=ns_name)
+        dns_resolv.install(ns_name, dns_resolv.resolv_conf(namespace, self.config.dns_ip()))
 
     def delete_pod(self, name: str, namespace: str = "default") -> None:
         pod = self.pod(name, namespace)

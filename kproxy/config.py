@@ -55,6 +55,10 @@ class ClusterConfig:
                 return str(net)
         raise ConfigError(f"pod CIDR {self.pod_cidr} has no /{self.node_subnet_prefix} left for node #{index + 1}")
 
+    def dns_ip(self) -> str:
+        """kube-dns's ClusterIP: the service CIDR's .10, as kubeadm gives it."""
+        return str(ipaddress.ip_network(self.service_cidr)[10])
+
     def pod_mtu(self) -> int:
         return 1450 if self.network_mode == "vxlan" else 1500
 

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List
 
 from kproxy.cluster import Cluster, Pod
+from kproxy.dns import records as dns_records
 from kproxy.kernel import iptables, links, process
 from kproxy.model import endpoint_slices_for
 from kproxy.model import objects as o
@@ -42,6 +44,40 @@ class ConvergeReport:
 def open_store(cluster: Cluster) -> Store:
     cfg = cluster.config
     return Store(os.path.join(cluster.dir, "store.db"), cfg.service_cidr, cfg.node_port_range, cfg.lb_pool)
+
+
+DNS_POD = "coredns"
+SYSTEM_ANNOTATION = "kproxy.io/system"
+
+
+def with_system_objects(cluster: Cluster, objs: Dict[str, list]) -> Dict[str, list]:
+    """The store's objects plus what a cluster brings of its own: the cluster DNS, a pod
+    in kube-system behind the kube-dns Service at the service CIDR's .10."""
+    out = {k: list(v) for k, v in objs.items()}
+    if not any(s.namespace == "kube-system" and s.name == "kube-dns" for s in out.get("Service", [])):
+        out.setdefault("Service", []).append(dns_records.kube_dns_service(cluster.config.dns_ip()))
+    out.setdefault("Pod", []).append(o.Pod(
+        metadata=o.ObjectMeta(name=DNS_POD, namespace="kube-system", labels={"k8s-app": "kube-dns"},
+                              annotations={SYSTEM_ANNOTATION: "dns"}),
+        spec=o.PodSpec(containers=[o.Container(
+            name="coredns", image="kproxy/dns",
+            ports=[o.ContainerPort(container_port=53, protocol="UDP", name="dns"),
+                   o.ContainerPort(container_port=53, protocol="TCP", name="dns-tcp")])])))
+    return out
+
+
+def zone_path(cluster: Cluster) -> str:
+    return os.path.join(cluster.dir, "dns", "zone.json")
+
+
+def write_zone(cluster: Cluster, services, slices, pods) -> None:
+    zone = dns_records.records_for(services, slices, pods, dns_ip=cluster.config.dns_ip(),
+                                   namespaces=sorted({p.namespace for p in pods} | {"default", "kube-system"}))
+    os.makedirs(os.path.dirname(zone_path(cluster)), exist_ok=True)
+    tmp = zone_path(cluster) + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(zone.to_json())
+    os.replace(tmp, zone_path(cluster))
 
 
 def desired_pods(objs: Dict[str, list]) -> Dict[str, o.Pod]:
@@ -76,7 +112,11 @@ def start_containers(cluster: Cluster, pod: Pod, spec: o.Pod) -> None:
     for c in spec.spec.containers:
         plan = images.plan(container_dict(c))
         entry = {"name": c.name, "kind": plan.kind, "reason": plan.reason, "listeners": len(plan.listeners)}
-        if plan.kind == "serve":
+        if spec.metadata.annotations.get(SYSTEM_ANNOTATION) == "dns":
+            argv = [sys.executable, "-m", "kproxy.dns.server", "--zone-file", zone_path(cluster),
+                    "--listen", "0.0.0.0:53"]
+            entry.update(kind="serve", listeners=2)          # it logs "listening udp" and "listening tcp"
+        elif plan.kind == "serve":
             argv = server_argv(pod.name, pod.namespace, pod.node, plan.listeners, text=plan.text)
         elif plan.kind == "exec":
             # a manifest's command runs as nobody: it gets the pod's network, not the machine's files
@@ -206,8 +246,10 @@ def _udp_endpoints(services, slices) -> Dict[str, List[str]]:
 def converge(cluster: Cluster, store: Store) -> ConvergeReport:
     started = time.monotonic()
     report = ConvergeReport()
-    objs = store.objects()
+    objs = with_system_objects(cluster, store.objects())
     wanted = desired_pods(objs)
+    if not os.path.exists(zone_path(cluster)):
+        write_zone(cluster, [], [], [])      # the DNS pod starts with an empty zone, then follows the store
 
     for key, pod in list(cluster.pods.items()):
         if pod.status.get("managed") and key not in wanted:
@@ -229,6 +271,8 @@ def converge(cluster: Cluster, store: Store) -> ConvergeReport:
     cluster.save()
 
     services, slices = _services_and_slices(cluster, objs, wanted)
+    write_zone(cluster, services, slices,
+               [model_pod(cluster.pods[k], p) for k, p in wanted.items() if k in cluster.pods])
 
     prints = fingerprints(services, slices)
     for node in cluster.nodes:
@@ -269,7 +313,7 @@ def _services_and_slices(cluster: Cluster, objs: Dict[str, list], wanted: Dict[s
 
 def current_view(cluster: Cluster, store: Store):
     """(services, endpoint slices) as they stand: for `get svc`, `describe`, `rules`."""
-    objs = store.objects()
+    objs = with_system_objects(cluster, store.objects())
     return _services_and_slices(cluster, objs, desired_pods(objs))
 
 

