@@ -125,6 +125,9 @@ class IptablesProxier(Proxier):
         self.forget()
 
 
+_NFT_TABLES: dict = {}      # netns -> the kproxy.proxy.nftables.Table the kernel holds
+
+
 class NftablesProxier(Proxier):
     """kube-proxy's nftables mode for one node: table `ip kube-proxy`, verdict maps.
 
@@ -141,24 +144,30 @@ class NftablesProxier(Proxier):
         if changed is not None and not changed:
             return "none"
         svc_cidr = self.cluster.config.service_cidr
+        ns = self.node.netns
         try:
-            existing = nft.read_table(self.node.netns)
+            # what the kernel holds: remembered from this process's last sync of the node
+            # (reading it back with `nft -j` costs seconds at thousands of Services)
+            existing = _NFT_TABLES.get(ns) or nft.read_table(ns)
             payload = nft_render(services, slices, self.settings, changed=changed, existing=existing,
                                  service_cidrs=svc_cidr)
-            nft.sync(self.node.netns, payload)
+            cleaned = nft.sync(ns, payload)
             kind = "full" if payload.full_sync else "partial"
         except KernelError:
+            _NFT_TABLES.pop(ns, None)
             if changed is None:
                 raise
-            payload = nft_render(services, slices, self.settings, existing=nft.read_table(self.node.netns),
-                                 service_cidrs=svc_cidr)
-            nft.sync(self.node.netns, payload)
+            existing = nft.read_table(ns)
+            payload = nft_render(services, slices, self.settings, existing=existing, service_cidrs=svc_cidr)
+            cleaned = nft.sync(ns, payload)
             kind = "full"
+        _NFT_TABLES[ns] = payload.apply_to(existing, cleanup=cleaned)
         self.state.update(fingerprints=prints, synced=True)
         return kind
 
     def cleanup(self) -> None:
         from kproxy.kernel import nft
+        _NFT_TABLES.pop(self.node.netns, None)
         nft.delete_table(self.node.netns)
         self.forget()
 

@@ -211,4 +211,6 @@ def render_manifests(paths: Union[str, Iterable[str]], backend: str = "iptables"
     fn = getattr(module, "render", None)
     if fn is None:
         raise ValueError(f"unknown or unavailable proxier backend {backend!r} (iptables is built in)")
+    if backend == "nftables":
+        return fn(resolved.services, resolved.endpoint_slices, settings, service_cidrs=service_cidr)
     return fn(resolved.services, resolved.endpoint_slices, settings)
