@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import secrets
 import statistics
@@ -34,7 +35,7 @@ def synthetic(n: int, generation: int = 0):
     services, slices = [], []
     for i in range(n):
         name = f"svc-{i}"
-        ip = f"10.{96 + i // 65536}.{(i // 256) % 256}.{i % 256 or 1}"
+        ip = str(ipaddress.ip_address("10.96.0.0") + i + 1)     # distinct ClusterIPs from 10.96.0.1
         services.append(o.Service(metadata=o.ObjectMeta(name=name, namespace="bench"), type="ClusterIP",
                                   cluster_ip=ip, cluster_ips=[ip], selector={"app": name},
                                   ports=[o.ServicePort(name="http", protocol="TCP", port=80, target_port=8080)]))
