@@ -7,6 +7,7 @@ import pytest
 
 from kproxy.reconcile import current_view
 from kproxy.trace import live, story
+from tests.report_schema import validate
 from tests.integration.test_services import BACKENDS, Lab, deployment, service
 
 pytestmark = pytest.mark.root
@@ -33,9 +34,7 @@ def test_clusterip_story_matches_conntrack_and_captures(lab, tmp_path):
     pcap = tmp_path / "flow.pcap"
     r = trace(lab, "client", "web", http=True, count=3, pcap=str(pcap))
     assert SCHEMA_KEYS <= set(r)
-    from tests.unit.test_explain_cli import schema, validate
-    sch = schema()
-    validate(r, sch, sch)       # the same JSON Schema as `kproxy explain -o json`
+    validate(r)       # the same JSON Schema as `kproxy explain -o json`
     vip = lab.svc("web").cluster_ip
     assert r["verdict"]["action"] == "DNAT" and r["trap"]["before"] == f"{vip}:8080"
     assert r["trap"]["after"] in [c["endpoint"] for c in r["candidates"]]

@@ -8,17 +8,17 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import SEED
+
 REPO = Path(__file__).resolve().parents[2]
 FIX = Path(__file__).parent / "explain_fixtures"
-SCHEMA_MD = REPO / "kproxy" / "explain" / "schema.md"
-EJERCICIO1 = Path("/work/shared/seed-exercise/sesiones/Sesion4-Kubernetes/Ejercicios/Ejercicio1")
+EJERCICIO1 = SEED / "Sesion4-Kubernetes" / "Ejercicios" / "Ejercicio1"
 
 needs_seed = pytest.mark.skipif(not EJERCICIO1.is_dir(), reason="seed course not available")
 
@@ -29,45 +29,7 @@ def kproxy(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=60)
 
 
-def schema() -> dict:
-    text = SCHEMA_MD.read_text()
-    block = re.search(r"## JSON Schema.*?```json\n(.*?)```", text, re.S)
-    assert block, "schema.md has no JSON Schema block"
-    return json.loads(block.group(1))
-
-
-_TYPES = {"object": dict, "array": list, "string": str, "boolean": bool, "null": type(None)}
-
-
-def validate(value, sch: dict, root: dict, path: str = "$") -> None:
-    """The subset of JSON Schema schema.md uses: type, enum, required, properties,
-    items, $ref."""
-    if "$ref" in sch:
-        ref = sch["$ref"].split("/")[-1]
-        return validate(value, root["$defs"][ref], root, path)
-    types = sch.get("type")
-    if types is not None:
-        types = types if isinstance(types, list) else [types]
-        ok = False
-        for t in types:
-            if t == "integer":
-                ok = ok or (isinstance(value, int) and not isinstance(value, bool))
-            elif t == "number":
-                ok = ok or (isinstance(value, (int, float)) and not isinstance(value, bool))
-            else:
-                ok = ok or isinstance(value, _TYPES[t])
-        assert ok, f"{path}: {value!r} is not {types}"
-    if "enum" in sch:
-        assert value in sch["enum"], f"{path}: {value!r} not in {sch['enum']}"
-    if isinstance(value, dict):
-        for key in sch.get("required", []):
-            assert key in value, f"{path}: missing {key!r}"
-        for key, sub in sch.get("properties", {}).items():
-            if key in value:
-                validate(value[key], sub, root, f"{path}.{key}")
-    if isinstance(value, list) and "items" in sch:
-        for i, item in enumerate(value):
-            validate(item, sch["items"], root, f"{path}[{i}]")
+from tests.report_schema import schema, validate  # noqa: E402
 
 
 def test_schema_block_documents_the_report_keys():

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
+
+from tests.report_schema import validate
 
 from kproxy.model import loads
 from kproxy.proxy.iptables import NodeSettings
@@ -491,39 +492,10 @@ def test_explain_report_has_the_schema_keys(stateful):
         assert set(hop) == {"table", "chain", "rule", "verdict", "note"}
     for c in e["candidates"]:
         assert {"endpoint", "probability", "chains", "hops", "masquerade"} <= set(c)
-    schema_md = Path(__file__).parents[2] / "kproxy" / "explain" / "schema.md"
-    block = re.search(r"## JSON Schema.*?```json\n(.*?)```", schema_md.read_text(), re.S)
-    assert block, "kproxy/explain/schema.md has no JSON Schema block"
-    root = json.loads(block.group(1))
-    _validate(json.loads(json.dumps(e)), root, root)
+    validate(json.loads(json.dumps(e)))
     for args in (("10.244.0.9", "tcp", "10.96.0.2", 9999), ("192.168.5.100", "tcp", "192.168.5.11", 30000),
                  ("10.244.0.9", "udp", "10.96.0.99", 53)):
-        _validate(json.loads(json.dumps(explain(stateful, *args))), root, root)
-
-
-_TYPES = {"object": dict, "array": list, "string": str, "boolean": bool, "null": type(None),
-          "integer": int, "number": (int, float)}
-
-
-def _validate(value, sch: dict, root: dict, path: str = "$") -> None:
-    """The JSON Schema keywords schema.md uses: type, enum, required, properties, items, $ref."""
-    if "$ref" in sch:
-        return _validate(value, root["$defs"][sch["$ref"].split("/")[-1]], root, path)
-    if "type" in sch:
-        types = sch["type"] if isinstance(sch["type"], list) else [sch["type"]]
-        assert any(isinstance(value, _TYPES[t]) and not (isinstance(value, bool) and t in ("integer", "number"))
-                   for t in types), f"{path}: {value!r} is not {types}"
-    if "enum" in sch:
-        assert value in sch["enum"], f"{path}: {value!r} not in {sch['enum']}"
-    if isinstance(value, dict):
-        for key in sch.get("required", []):
-            assert key in value, f"{path}: missing {key!r}"
-        for key, sub in sch.get("properties", {}).items():
-            if key in value:
-                _validate(value[key], sub, root, f"{path}.{key}")
-    if isinstance(value, list) and "items" in sch:
-        for i, item in enumerate(value):
-            _validate(item, sch["items"], root, f"{path}[{i}]")
+        validate(json.loads(json.dumps(explain(stateful, *args))))
 
 
 def test_weights_give_the_shares_under_wrr():
