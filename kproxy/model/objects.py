@@ -22,6 +22,20 @@ SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer", "ExternalName")
 PROTOCOLS = ("TCP", "UDP", "SCTP")
 
 
+class _Namespaced:
+    """``name`` and ``namespace`` (defaulted) of a namespaced object, from its metadata."""
+
+    metadata: "ObjectMeta"
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+    @property
+    def namespace(self) -> str:
+        return self.metadata.namespace or DEFAULT_NAMESPACE
+
+
 @dataclass
 class ObjectMeta:
     name: str = ""
@@ -98,20 +112,12 @@ class PodStatus:
 
 
 @dataclass
-class Pod:
+class Pod(_Namespaced):
     metadata: ObjectMeta
     spec: PodSpec = field(default_factory=PodSpec)
     status: PodStatus = field(default_factory=PodStatus)
     raw: Dict[str, Any] = field(default_factory=dict, repr=False)
     kind = "Pod"
-
-    @property
-    def name(self) -> str:
-        return self.metadata.name
-
-    @property
-    def namespace(self) -> str:
-        return self.metadata.namespace or DEFAULT_NAMESPACE
 
     @property
     def labels(self) -> Dict[str, str]:
@@ -166,7 +172,7 @@ class DeploymentStrategy:
 
 
 @dataclass
-class Deployment:
+class Deployment(_Namespaced):
     metadata: ObjectMeta
     replicas: int = 1
     match_labels: Dict[str, str] = field(default_factory=dict)
@@ -176,14 +182,6 @@ class Deployment:
     min_ready_seconds: int = 0
     raw: Dict[str, Any] = field(default_factory=dict, repr=False)
     kind = "Deployment"
-
-    @property
-    def name(self) -> str:
-        return self.metadata.name
-
-    @property
-    def namespace(self) -> str:
-        return self.metadata.namespace or DEFAULT_NAMESPACE
 
     @property
     def selector(self) -> Dict[str, str]:
@@ -211,7 +209,7 @@ class LoadBalancerIngress:
 
 
 @dataclass
-class Service:
+class Service(_Namespaced):
     metadata: ObjectMeta
     type: str = "ClusterIP"
     cluster_ip: str = ""                # "" = to be allocated, "None" = headless
@@ -233,14 +231,6 @@ class Service:
     allocate_load_balancer_node_ports: bool = True
     raw: Dict[str, Any] = field(default_factory=dict, repr=False)
     kind = "Service"
-
-    @property
-    def name(self) -> str:
-        return self.metadata.name
-
-    @property
-    def namespace(self) -> str:
-        return self.metadata.namespace or DEFAULT_NAMESPACE
 
     @property
     def namespaced_name(self) -> str:
@@ -282,21 +272,13 @@ class EndpointPort:
 
 
 @dataclass
-class EndpointSlice:
+class EndpointSlice(_Namespaced):
     metadata: ObjectMeta
     address_type: str = "IPv4"
     endpoints: List[Endpoint] = field(default_factory=list)
     ports: List[EndpointPort] = field(default_factory=list)
     raw: Dict[str, Any] = field(default_factory=dict, repr=False)
     kind = "EndpointSlice"
-
-    @property
-    def name(self) -> str:
-        return self.metadata.name
-
-    @property
-    def namespace(self) -> str:
-        return self.metadata.namespace or DEFAULT_NAMESPACE
 
     @property
     def service_name(self) -> Optional[str]:
@@ -319,7 +301,7 @@ class EndpointSubset:
 
 
 @dataclass
-class Endpoints:
+class Endpoints(_Namespaced):
     """core/v1 Endpoints; ``to_endpoint_slices()`` gives the discovery/v1 form."""
 
     metadata: ObjectMeta
@@ -327,13 +309,6 @@ class Endpoints:
     raw: Dict[str, Any] = field(default_factory=dict, repr=False)
     kind = "Endpoints"
 
-    @property
-    def name(self) -> str:
-        return self.metadata.name
-
-    @property
-    def namespace(self) -> str:
-        return self.metadata.namespace or DEFAULT_NAMESPACE
 
     def to_endpoint_slices(self) -> List[EndpointSlice]:
         """One slice per subset and address family, as the EndpointSlice mirroring
