@@ -107,13 +107,17 @@ def main() -> None:
     for n in args.counts:
         services, slices = synthetic(n)
         text = r.render(services, slices, SETTINGS)
-        t_full = timed(lambda: r.render(services, slices, SETTINGS), args.repeat, clear_caches)
-        t_before = float("nan")
+        base_settings = base.NodeSettings(**_settings_kwargs()) if base is not None else None
         if base is not None:
-            assert base.render(services, slices, base.NodeSettings(**_settings_kwargs())) == text, \
-                "the render differs from the baseline's"
-            t_before = timed(lambda: base.render(services, slices, base.NodeSettings(**_settings_kwargs())),
-                             args.repeat)
+            assert base.render(services, slices, base_settings) == text, "the render differs from the baseline's"
+        # before and after in turns, so that a busy machine slows both alike
+        t_full = t_before = float("inf")
+        for _ in range(args.repeat):
+            t_full = min(t_full, timed(lambda: r.render(services, slices, SETTINGS), 1, clear_caches))
+            if base is not None:
+                t_before = min(t_before, timed(lambda: base.render(services, slices, base_settings), 1))
+        if base is None:
+            t_before = float("nan")
         own, given, partial = incremental_figures(services, slices, args.changes)
         print(f"{n:>8} {text.count(chr(10)):>7} {len(text) / 1e6:>6.2f} {t_before:>9.3f} {t_full:>7.3f} "
               f"{t_before / t_full:>6.1f}x {own * 1000:>14.1f} {given * 1000:>16.1f} "

@@ -15,7 +15,7 @@ input order, which is sorted by the string ``IP:port`` (so ``10.1.1.11:11`` come
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from kproxy.proxy.types import EndpointInfo, ServicePortInfo
 
@@ -63,22 +63,33 @@ def categorize_endpoints(endpoints: Sequence[EndpointInfo], svc: ServicePortInfo
     """Split ``endpoints`` of ``svc`` as seen from node ``node_name`` (in ``zone``)."""
     if not endpoints:
         return Categorized()
+    return Categorized(*categorize(endpoints, svc.uses_cluster_endpoints, svc.uses_local_endpoints, node_name, zone))
+
+
+def categorize(endpoints: Sequence[EndpointInfo], uses_cluster: bool, uses_local: bool, node_name: str,
+               zone: Optional[str] = None) -> Tuple[List[EndpointInfo], List[EndpointInfo], List[EndpointInfo], bool]:
+    """``categorize_endpoints`` as a tuple (cluster, local, all_reachable, has_any), for
+    a service port that uses cluster / local endpoints (``ServicePortInfo``'s
+    ``uses_cluster_endpoints`` / ``uses_local_endpoints``)."""
     cluster: List[EndpointInfo] = []
     local: List[EndpointInfo] = []
+    if not endpoints:
+        return cluster, local, [], False
     has_any = False
     mode = ""
-    uses_cluster = svc.uses_cluster_endpoints
     if uses_cluster:
         mode = topology_mode(endpoints, node_name, zone)
         if mode:
             cluster = [ep for ep in endpoints if ep.ready and _available(ep, mode, node_name, zone)]
         else:
-            cluster = [ep for ep in endpoints if ep.ready]
+            for ep in endpoints:
+                if ep.ready:
+                    cluster.append(ep)
         if not cluster:
             cluster = [ep for ep in endpoints if ep.serving and ep.terminating]
         has_any = bool(cluster)
-    if not svc.uses_local_endpoints:
-        return Categorized(cluster, local, list(cluster), has_any)
+    if not uses_local:
+        return cluster, local, list(cluster), has_any
 
     local_ready = local_serving_terminating = False
     for ep in endpoints:
@@ -103,4 +114,4 @@ def categorize_endpoints(endpoints: Sequence[EndpointInfo], svc: ServicePortInfo
         merged: Dict[str, EndpointInfo] = {str(ep): ep for ep in cluster}
         merged.update({str(ep): ep for ep in local})
         all_reachable = [merged[k] for k in sorted(merged)]
-    return Categorized(cluster, local, all_reachable, has_any)
+    return cluster, local, all_reachable, has_any

@@ -321,17 +321,14 @@ def service_fingerprint(svc: o.Service) -> Hashable:
             tuple(map(_ingress_fields, svc.load_balancer_ingress)) if svc.load_balancer_ingress else ())
 
 
-def _endpoint_fingerprint(e: o.Endpoint) -> tuple:
-    return (tuple(e.addresses), _condition_fields(e.conditions), _endpoint_fields(e),
-            tuple(e.hints_for_zones) if e.hints_for_zones else (),
-            tuple(e.hints_for_nodes) if e.hints_for_nodes else ())
-
-
 def slice_fingerprint(es: o.EndpointSlice) -> tuple:
     """Everything of an EndpointSlice that shapes the endpoints map, as an immutable
     value (see ``service_fingerprint``); its name comes first."""
+    cf, ef = _condition_fields, _endpoint_fields
     return (es.metadata.name, es.address_type, tuple(map(_slice_port_fields, es.ports)),
-            tuple(map(_endpoint_fingerprint, es.endpoints)))
+            tuple([(tuple(e.addresses), cf(e.conditions), ef(e),
+                    tuple(e.hints_for_zones) if e.hints_for_zones else (),
+                    tuple(e.hints_for_nodes) if e.hints_for_nodes else ()) for e in es.endpoints]))
 
 
 def _first(item: tuple):
@@ -383,3 +380,4 @@ def service_fingerprints(services: Iterable[o.Service], slices: Iterable[object]
             groups.setdefault((meta.namespace or o.DEFAULT_NAMESPACE, meta.name), []).append(svc)
     return {f"{key[0]}/{key[1]}": service_group_fingerprint(svcs, by_svc.get(key, ()))
             for key, svcs in groups.items()}
+

@@ -32,7 +32,7 @@ from functools import lru_cache
 from typing import Dict, Hashable, Iterable, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 from kproxy.model import objects as o
-from kproxy.proxy.endpoints import categorize_endpoints
+from kproxy.proxy.endpoints import categorize
 from kproxy.proxy.iptables import names as n
 from kproxy.proxy.netutil import IPAddress, parse_cidr_sloppy, parse_ip_sloppy
 from kproxy.proxy.netutil import clear_caches as clear_netutil_caches
@@ -309,7 +309,10 @@ def _changed_names(changed: ChangedSet) -> Optional[Set[str]]:
 
 _B32 = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
 _B32_PAIRS = [a + b for a in _B32 for b in _B32]
-_sha256 = hashlib.sha256
+try:        # CPython's own SHA-256: half the cost of OpenSSL's for these short texts
+    from _sha256 import sha256 as _sha256
+except ImportError:  # pragma: no cover
+    _sha256 = hashlib.sha256
 
 # Distinct chain-name hashes remembered (one per service port and per endpoint of it).
 HASH_CACHE_SIZE = 1 << 16
@@ -558,33 +561,36 @@ def _render_service(ctx: _Context, ports: Prepared, large: bool) -> _Rendered:
     chains: List[str] = []
     hash16 = _hash16
     for name, svc, endpoints in ports:
-        cap: List[str] = []
-        rules: List[str] = []
         proto = svc.protocol.lower()
         pm = f"-m {proto} -p {proto}"
-        h = hash16(name + proto)
+        name_proto = name + proto
+        h = hash16(name_proto)
         cluster_chain = "KUBE-SVC-" + h
         local_chain = "KUBE-SVL-" + h
         ext_chain = "KUBE-EXT-" + h
-        fw_chain = "KUBE-FW-" + h
-        c_name = _comment_text(name)
+        c_name = f'-m comment --comment "{name}"' if " " in name else "-m comment --comment " + name
 
-        cat = categorize_endpoints(endpoints, svc, ctx.node_name, ctx.zone)
-        has_endpoints = cat.has_any
-        uses_cluster_chain = bool(cat.cluster) and svc.uses_cluster_endpoints
-        uses_local_chain = bool(cat.local) and svc.uses_local_endpoints
+        # ServicePortInfo's properties, worked out once
+        node_port, vips, external_ips = svc.node_port, svc.load_balancer_vips, svc.external_ips
+        internal_local, external_local = svc.internal_policy_local, svc.external_policy_local
+        externally = bool(node_port or vips or external_ips)
+        uses_cluster = not internal_local or externally
+        uses_local = internal_local or (external_local and externally)
+        cluster_eps, local_eps, reachable, has_endpoints = categorize(
+            endpoints, uses_cluster, uses_local, ctx.node_name, ctx.zone)
+        uses_cluster_chain = bool(cluster_eps) and uses_cluster
+        uses_local_chain = bool(local_eps) and uses_local
 
         internal_chain, has_internal = cluster_chain, has_endpoints
-        if svc.internal_policy_local:
+        if internal_local:
             internal_chain = local_chain
-            has_internal = has_internal and bool(cat.local)
+            has_internal = has_internal and bool(local_eps)
         external_policy_chain, has_external = cluster_chain, has_endpoints
-        if svc.external_policy_local:
+        if external_local:
             external_policy_chain = local_chain
-            has_external = has_external and bool(cat.local)
-        vips = svc.load_balancer_vips
-        uses_ext_chain = has_endpoints and svc.externally_accessible
+            has_external = has_external and bool(local_eps)
         uses_fw_chain = has_endpoints and bool(vips) and bool(svc.load_balancer_source_ranges)
+        fw_chain = "KUBE-FW-" + h
         lb_chain = fw_chain if uses_fw_chain else ext_chain
 
         if not has_endpoints:
@@ -601,70 +607,74 @@ def _render_service(ctx: _Context, ports: Prepared, large: bool) -> _Rendered:
         port = str(svc.port)
         vip_port = f"-d {svc.cluster_ip} --dport {port}"
         c_cluster_ip = f'-m comment --comment "{name} cluster IP"'
+        cap: List[str] = []
         # Capture the ClusterIP.
         if has_internal:
             cap.append(f"-A KUBE-SERVICES {c_cluster_ip} {pm} {vip_port} -j {internal_chain}")
         else:
             filt.append(f"-A KUBE-SERVICES {internal_comment} {pm} {vip_port} -j {internal_target}")
-        # Capture external IPs.
-        for ip in svc.external_ips:
-            if has_endpoints:
-                cap.append(f'-A KUBE-SERVICES -m comment --comment "{name} external IP" {pm} -d {ip} '
-                           f"--dport {port} -j {ext_chain}")
-            if not has_external:
-                filt.append(f"-A KUBE-EXTERNAL-SERVICES {external_comment} {pm} -d {ip} --dport {port} "
-                            f"-j {external_target}")
-        # Capture load-balancer VIPs.
-        for ip in vips:
-            if has_endpoints:
-                cap.append(f'-A KUBE-SERVICES -m comment --comment "{name} loadbalancer IP" {pm} -d {ip} '
-                           f"--dport {port} -j {lb_chain}")
-            if uses_fw_chain:
-                filt.append(f'-A KUBE-PROXY-FIREWALL -m comment --comment "{name} traffic not accepted by '
-                            f'{fw_chain}" {pm} -d {ip} --dport {port} -j DROP')
-        if not has_external:
+        if externally or svc.health_check_node_port:
+            # Capture external IPs.
+            for ip in external_ips:
+                if has_endpoints:
+                    cap.append(f'-A KUBE-SERVICES -m comment --comment "{name} external IP" {pm} -d {ip} '
+                               f"--dport {port} -j {ext_chain}")
+                if not has_external:
+                    filt.append(f"-A KUBE-EXTERNAL-SERVICES {external_comment} {pm} -d {ip} --dport {port} "
+                                f"-j {external_target}")
+            # Capture load-balancer VIPs.
             for ip in vips:
-                filt.append(f"-A KUBE-EXTERNAL-SERVICES {external_comment} {pm} -d {ip} --dport {port} "
-                            f"-j {external_target}")
-        # Capture the NodePort.
-        if svc.node_port:
-            np = str(svc.node_port)
-            if has_endpoints:
-                if ctx.localhost_nodeports and ctx.nfacct:
-                    cap.append(f"-A KUBE-NODEPORTS {c_name} {pm} -d 127.0.0.0/8 --dport {np} -m nfacct "
-                               f"--nfacct-name {n.NFACCT_LOCALHOST_NODEPORT_ACCEPTED} -j {ext_chain}")
-                cap.append(f"-A KUBE-NODEPORTS {c_name} {pm} --dport {np} -j {ext_chain}")
+                if has_endpoints:
+                    cap.append(f'-A KUBE-SERVICES -m comment --comment "{name} loadbalancer IP" {pm} -d {ip} '
+                               f"--dport {port} -j {lb_chain}")
+                if uses_fw_chain:
+                    filt.append(f'-A KUBE-PROXY-FIREWALL -m comment --comment "{name} traffic not accepted by '
+                                f'{fw_chain}" {pm} -d {ip} --dport {port} -j DROP')
             if not has_external:
-                filt.append(f"-A KUBE-EXTERNAL-SERVICES {external_comment} -m addrtype --dst-type LOCAL {pm} "
-                            f"--dport {np} -j {external_target}")
-        # Accept the health-check NodePort.
-        if svc.health_check_node_port:
-            filt.append(f'-A KUBE-NODEPORTS -m comment --comment "{name} health check node port" '
-                        f"-m tcp -p tcp --dport {svc.health_check_node_port} -j ACCEPT")
+                for ip in vips:
+                    filt.append(f"-A KUBE-EXTERNAL-SERVICES {external_comment} {pm} -d {ip} --dport {port} "
+                                f"-j {external_target}")
+            # Capture the NodePort.
+            if node_port:
+                np = str(node_port)
+                if has_endpoints:
+                    if ctx.localhost_nodeports and ctx.nfacct:
+                        cap.append(f"-A KUBE-NODEPORTS {c_name} {pm} -d 127.0.0.0/8 --dport {np} -m nfacct "
+                                   f"--nfacct-name {n.NFACCT_LOCALHOST_NODEPORT_ACCEPTED} -j {ext_chain}")
+                    cap.append(f"-A KUBE-NODEPORTS {c_name} {pm} --dport {np} -j {ext_chain}")
+                if not has_external:
+                    filt.append(f"-A KUBE-EXTERNAL-SERVICES {external_comment} -m addrtype --dst-type LOCAL "
+                                f"{pm} --dport {np} -j {external_target}")
+            # Accept the health-check NodePort.
+            if svc.health_check_node_port:
+                filt.append(f'-A KUBE-NODEPORTS -m comment --comment "{name} health check node port" '
+                            f"-m tcp -p tcp --dport {svc.health_check_node_port} -j ACCEPT")
+        capture += cap
+        nat += cap
 
         # The Service's own chains.
         if has_internal:
             if ctx.masquerade_all:
-                rules.append(f"-A {internal_chain} {c_cluster_ip} {pm} {vip_port} -j KUBE-MARK-MASQ")
+                nat.append(f"-A {internal_chain} {c_cluster_ip} {pm} {vip_port} -j KUBE-MARK-MASQ")
             elif ctx.local_detector:
-                rules.append(f"-A {internal_chain} {c_cluster_ip} {pm} {vip_port} {ctx.if_not_local} "
-                             "-j KUBE-MARK-MASQ")
+                nat.append(f"-A {internal_chain} {c_cluster_ip} {pm} {vip_port} {ctx.if_not_local} "
+                           "-j KUBE-MARK-MASQ")
 
-        if uses_ext_chain:
+        if has_endpoints and externally:
             chains.append(ext_chain)
-            if not svc.external_policy_local:
-                rules.append(f'-A {ext_chain} -m comment --comment "masquerade traffic for {name} external '
-                             'destinations" -j KUBE-MARK-MASQ')
+            if not external_local:
+                nat.append(f'-A {ext_chain} -m comment --comment "masquerade traffic for {name} external '
+                           'destinations" -j KUBE-MARK-MASQ')
             else:
                 if ctx.local_detector:
-                    rules.append(f'-A {ext_chain} -m comment --comment "pod traffic for {name} external '
-                                 f'destinations" {ctx.if_local} -j {cluster_chain}')
-                rules.append(f'-A {ext_chain} -m comment --comment "masquerade LOCAL traffic for {name} '
-                             'external destinations" -m addrtype --src-type LOCAL -j KUBE-MARK-MASQ')
-                rules.append(f'-A {ext_chain} -m comment --comment "route LOCAL traffic for {name} '
-                             f'external destinations" -m addrtype --src-type LOCAL -j {cluster_chain}')
+                    nat.append(f'-A {ext_chain} -m comment --comment "pod traffic for {name} external '
+                               f'destinations" {ctx.if_local} -j {cluster_chain}')
+                nat.append(f'-A {ext_chain} -m comment --comment "masquerade LOCAL traffic for {name} '
+                           'external destinations" -m addrtype --src-type LOCAL -j KUBE-MARK-MASQ')
+                nat.append(f'-A {ext_chain} -m comment --comment "route LOCAL traffic for {name} '
+                           f'external destinations" -m addrtype --src-type LOCAL -j {cluster_chain}')
             if has_external:
-                rules.append(f"-A {ext_chain} -j {external_policy_chain}")
+                nat.append(f"-A {ext_chain} -j {external_policy_chain}")
 
         if uses_fw_chain:
             chains.append(fw_chain)
@@ -672,67 +682,63 @@ def _render_service(ctx: _Context, ports: Prepared, large: bool) -> _Rendered:
             node_ip = ctx.node_ip
             allow_from_node = False
             for cidr in svc.load_balancer_source_ranges:
-                rules.append(f"{head} -s {cidr} -j {ext_chain}")
+                nat.append(f"{head} -s {cidr} -j {ext_chain}")
                 if node_ip is not None and node_ip in _network(cidr):
                     allow_from_node = True
             if allow_from_node:
                 for ip in vips:
-                    rules.append(f"{head} -s {ip} -j {ext_chain}")
-            rules.append(f'-A {fw_chain} -m comment --comment "other traffic to {name} will be dropped by '
-                         'KUBE-PROXY-FIREWALL"')
+                    nat.append(f"{head} -s {ip} -j {ext_chain}")
+            nat.append(f'-A {fw_chain} -m comment --comment "other traffic to {name} will be dropped by '
+                       'KUBE-PROXY-FIREWALL"')
 
-        name_proto = name + proto
+        if not (uses_cluster_chain or uses_local_chain or reachable):
+            continue
+        # The endpoint chains by "IP:port" (those of the dispatch lists are among them).
         seps: Dict[str, str] = {}
-        affinity = svc.client_ip_affinity
-        if uses_cluster_chain:
-            chains.append(cluster_chain)
-            _dispatch(rules, name, name_proto, cluster_chain, cat.cluster, seps, affinity, svc, large)
-        if uses_local_chain:
-            chains.append(local_chain)
-            _dispatch(rules, name, name_proto, local_chain, cat.local, seps, affinity, svc, large)
-        for ep in cat.all_reachable:
-            ep_text = str(ep)
-            sep = seps.get(ep_text) or "KUBE-SEP-" + hash16(name_proto + ep_text)
+        texts = []
+        for ep in reachable:
+            text = str(ep)
+            texts.append(text)
+            seps[text] = "KUBE-SEP-" + hash16(name_proto + text)
+        affinity = svc.session_affinity == "ClientIP"
+        for used, chain, eps in ((uses_cluster_chain, cluster_chain, cluster_eps),
+                                 (uses_local_chain, local_chain, local_eps)):
+            if not used:
+                continue
+            # The KUBE-SVC/KUBE-SVL rules: affinity checks first, then the random cascade.
+            chains.append(chain)
+            count = len(eps)
+            eps_texts = texts if eps == reachable else [str(ep) for ep in eps]
+            if large:
+                heads = [f"-A {chain}"] * count
+            else:
+                heads = [f'-A {chain} -m comment --comment "{name} -> {text}"' for text in eps_texts]
+            sep_of = []
+            for text in eps_texts:
+                sep = seps.get(text)
+                if sep is None:
+                    sep = seps[text] = "KUBE-SEP-" + hash16(name_proto + text)
+                sep_of.append(sep)
+            if affinity:
+                seconds = str(svc.sticky_max_age_seconds)
+                for head, sep in zip(heads, sep_of):
+                    nat.append(f"{head} -m recent --name {sep} --rcheck --seconds {seconds} --reap -j {sep}")
+            last = count - 1
+            for i in range(last):
+                nat.append(f"{heads[i]} -m statistic --mode random --probability {_probability(count - i)} "
+                           f"-j {sep_of[i]}")
+            nat.append(f"{heads[last]} -j {sep_of[last]}")
+        for ep, text in zip(reachable, texts):
+            sep = seps[text]
             chains.append(sep)
             head = f"-A {sep}" if large else f"-A {sep} {c_name}"
-            rules.append(f"{head} -s {ep.ip} -j KUBE-MARK-MASQ")
+            nat.append(f"{head} -s {ep.ip} -j KUBE-MARK-MASQ")
             if affinity:
-                rules.append(f"{head} -m recent --name {sep} --set {pm} -j DNAT --to-destination {ep_text}")
+                nat.append(f"{head} -m recent --name {sep} --set {pm} -j DNAT --to-destination {text}")
             else:
-                rules.append(f"{head} {pm} -j DNAT --to-destination {ep_text}")
-
-        capture += cap
-        nat += cap
-        nat += rules
+                nat.append(f"{head} {pm} -j DNAT --to-destination {text}")
     return _Rendered("\n".join(filt), "\n".join(capture), "\n".join(nat),
                      "\n".join([f":{c} - [0:0]" for c in chains]), tuple(chains))
-
-
-def _dispatch(rules: List[str], name: str, name_proto: str, chain: str, endpoints: List[EndpointInfo],
-              seps: Dict[str, str], affinity: bool, svc: ServicePortInfo, large: bool) -> None:
-    """The KUBE-SVC/KUBE-SVL rules: affinity checks first, then the random cascade.
-    ``seps`` remembers the endpoint chain names made (by ``IP:port``)."""
-    texts = [str(ep) for ep in endpoints]
-    for text in texts:
-        if text not in seps:
-            seps[text] = "KUBE-SEP-" + _hash16(name_proto + text)
-    if large:
-        heads = [f"-A {chain}"] * len(texts)
-    else:
-        heads = [f'-A {chain} -m comment --comment "{name} -> {text}"' for text in texts]
-    if affinity:
-        seconds = str(svc.sticky_max_age_seconds)
-        for head, text in zip(heads, texts):
-            sep = seps[text]
-            rules.append(f"{head} -m recent --name {sep} --rcheck --seconds {seconds} --reap -j {sep}")
-    count = len(texts)
-    last = count - 1
-    for i, (head, text) in enumerate(zip(heads, texts)):
-        if i < last:
-            rules.append(f"{head} -m statistic --mode random --probability {_probability(count - i)} "
-                         f"-j {seps[text]}")
-        else:
-            rules.append(f"{head} -j {seps[text]}")
 
 
 # --------------------------------------------------------------------------- the payload
