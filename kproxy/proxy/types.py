@@ -256,7 +256,10 @@ def endpoints_by_port(slices: Iterable[object], node_name: str,
         svc_name = meta.labels.get(label)
         if not svc_name or es.address_type not in supported:
             continue
-        ports = [p for p in es.ports if p.name is not None and p.port]
+        ports = []
+        for p in es.ports:
+            if p.name is not None and p.port:
+                ports.append(p)
         if not ports:
             continue
         if len(ports) > 1:
@@ -264,21 +267,26 @@ def endpoints_by_port(slices: Iterable[object], node_name: str,
         # the endpoints of this family, in address order: ("IP:" or "[IP]:", terminating,
         # the EndpointInfo fields but the port)
         endpoints = []
-        listed = [e for e in es.endpoints if e.addresses]
+        listed = es.endpoints
         if len(listed) > 1:
-            listed.sort(key=_addresses_key)
+            listed = sorted(listed, key=_addresses_key)
         for e in listed:
-            parsed = ip_text_family(e.addresses[0])
-            if parsed is not None and parsed[1] == ip_family:
-                ip = parsed[0]
-                cond = e.conditions
-                terminating = cond.terminating is True
-                endpoints.append((f"[{ip}]:" if ":" in ip else f"{ip}:", terminating, {
-                    "ip": ip, "is_local": bool(node_name) and e.node_name == node_name,
-                    "ready": cond.ready is not False, "serving": cond.serving is not False,
-                    "terminating": terminating, "node_name": e.node_name or "", "zone": e.zone or "",
-                    "zone_hints": frozenset(e.hints_for_zones) if e.hints_for_zones else _EMPTY,
-                    "node_hints": frozenset(e.hints_for_nodes) if e.hints_for_nodes else _EMPTY}))
+            addresses = e.addresses
+            if not addresses:
+                continue
+            parsed = ip_text_family(addresses[0])
+            if parsed is None or parsed[1] != ip_family:
+                continue
+            ip = parsed[0]
+            cond = e.conditions
+            terminating = cond.terminating is True
+            node = e.node_name
+            endpoints.append((f"[{ip}]:" if ":" in ip else ip + ":", terminating, {
+                "ip": ip, "is_local": bool(node_name) and node == node_name,
+                "ready": cond.ready is not False, "serving": cond.serving is not False,
+                "terminating": terminating, "node_name": node or "", "zone": e.zone or "",
+                "zone_hints": frozenset(e.hints_for_zones) if e.hints_for_zones else _EMPTY,
+                "node_hints": frozenset(e.hints_for_nodes) if e.hints_for_nodes else _EMPTY}))
         namespace = meta.namespace or default_ns
         for port in ports:
             key = (namespace, svc_name, port.name or "", port.protocol or "TCP")
@@ -297,8 +305,13 @@ def endpoints_by_port(slices: Iterable[object], node_name: str,
                 d["port"] = number
                 d["_host_port"] = host_port
                 bucket[host_port] = info
-    return {key: ([eps[k] for k in sorted(eps)] if len(eps) > 1 else list(eps.values()))
-            for key, eps in by_port.items() if eps}
+    out: Dict[PortKey, List[EndpointInfo]] = {}
+    for key, eps in by_port.items():
+        if len(eps) > 1:
+            out[key] = [eps[k] for k in sorted(eps)]
+        elif eps:
+            out[key] = list(eps.values())
+    return out
 
 
 # --------------------------------------------------------------------------- fingerprints
