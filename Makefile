@@ -25,7 +25,7 @@ VM_TESTS ?= tests/integration/test_ipvs_live.py tests/integration/test_modes.py
 test-vm: deps
 	@bash scripts/install-deps.sh --vm
 	@KPROXY_VM_TESTS=1 $(PY) -m pytest -m vm tests/integration/test_vm_harness.py $(PYTEST_ARGS)
-	@scripts/vm/run.sh -- $(PY) -m pytest $(VM_TESTS) $(PYTEST_ARGS); rc=$$?; \
+	@KPROXY_READY_TIMEOUT=120 scripts/vm/run.sh -- $(PY) -m pytest $(VM_TESTS) $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "make test-vm: pytest collected no tests" >&2; exit 1; fi; \
 	  exit $$rc
 

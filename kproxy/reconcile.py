@@ -28,7 +28,8 @@ from kproxy.store import Store
 from kproxy.workload import images
 from kproxy.workload.server import server_argv
 
-READY_TIMEOUT = 10.0
+# How long a converge waits for new pods' containers to listen (a slow VM needs more).
+READY_TIMEOUT = float(os.environ.get("KPROXY_READY_TIMEOUT", "10"))
 NOBODY = "65534"
 
 
