@@ -34,7 +34,6 @@ import socket
 import struct
 import sys
 import threading
-import time
 from typing import Dict, List, Optional, Tuple
 
 import dns.exception

@@ -881,7 +881,7 @@ def test_external_traffic_policy_local_without_local_endpoints():
     assert "KUBE-SVL-" not in payload
     assert "-A KUBE-EXT-XPGD46QRK7WJZT7O -j " not in payload
     for dest in ("-d 192.168.99.11 --dport 80", "-d 1.2.3.4 --dport 80", "-m addrtype --dst-type LOCAL -m tcp -p tcp --dport 3001"):
-        assert f'-A KUBE-EXTERNAL-SERVICES -m comment --comment "ns1/svc1:p80 has no local endpoints"' in payload
+        assert '-A KUBE-EXTERNAL-SERVICES -m comment --comment "ns1/svc1:p80 has no local endpoints"' in payload
         assert any(dest in l and l.endswith("-j DROP") for l in payload.splitlines()), dest
     both = "10.180.0.1:80, 10.180.2.1:80"
     flows(payload, [
