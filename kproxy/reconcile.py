@@ -165,14 +165,14 @@ def update_pod_status(pod: Pod) -> None:
 
 
 def wait_ready(pods: List[Pod], timeout: float = READY_TIMEOUT) -> None:
+    """Wait until each pod is Ready, or has no running process left that could make it so."""
     deadline = time.monotonic() + timeout
     pending = list(pods)
     while pending and time.monotonic() < deadline:
         for p in pending:
             update_pod_status(p)
-        pending = [p for p in pending if not p.status["ready"]
-                   and any(c["kind"] in ("serve", "exec", "idle") and "pid" in c for c in p.status["containers"])
-                   and any(process.alive(c["pid"], c["started"]) for c in p.status["containers"] if "pid" in c)]
+        pending = [p for p in pending if not p.status["ready"] and
+                   any(process.alive(c["pid"], c["started"]) for c in p.status["containers"] if "pid" in c)]
         if pending:
             time.sleep(0.02)
     for p in pods:
