@@ -539,3 +539,25 @@ def test_shared_renderer_is_one_per_settings():
     a = shared_renderer(SETTINGS["default"])
     assert shared_renderer(NodeSettings(**vars(SETTINGS["default"]))) is a
     assert shared_renderer(SETTINGS["bridge"]) is not a
+
+
+def test_chain_name_hash_is_names_b32_16():
+    from kproxy.proxy.iptables.render import _hash16
+    rng = random.Random(7)
+    for _ in range(3000):
+        text = "".join(rng.choice("abz/:.-019[]ÄÉ") for _ in range(rng.randint(0, 80)))
+        assert _hash16.__wrapped__(text) == names._b32_16(text), text
+
+
+def test_incremental_takes_iterators_and_names_that_only_differ_in_where_the_slash_is():
+    """Two Services whose "namespace/name" strings are equal ("a/b" + "c" and "a" +
+    "b/c": not valid names, but nothing here validates them) stay two Services."""
+    settings = SETTINGS["default"]
+    services = [_svc("a/b", "c", "172.30.0.1"), _svc("a", "b/c", "172.30.0.2"), _svc("ns", "s", "172.30.0.3")]
+    slices = [_big_slice("a/b", "c", 2), _big_slice("a", "b/c", 1, start=10), _big_slice("ns", "s", 1, start=20)]
+    inc = IncrementalRenderer(settings)
+    for changed in (None, {"a/b/c"}, {"ns/s"}, set()):
+        got = inc.render_payload(iter(services), iter(slices), changed)
+        assert got == render_payload(services, slices, settings, changed)
+        assert got.text.count("-j DNAT") == (4 if changed is None else 3 if changed == {"a/b/c"}
+                                             else 1 if changed else 0)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import struct
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Dict, Hashable, Iterable, List, Mapping, Optional, Sequence, Set, Tuple, Union
@@ -256,9 +257,9 @@ def render_payload(services: Iterable[object], endpoint_slices: Iterable[object]
     and EndpointSlices / core-v1 Endpoints respectively, are used.
     """
     ctx = _context(settings)
-    groups, keys = _group_services(services)
+    groups = _group_services(services)
     slice_groups = _group_slices(endpoint_slices)
-    order = sorted(groups, key=keys.__getitem__)
+    order = sorted(groups)
     # Large-cluster mode needs the endpoint total, known once every Service is prepared;
     # rendering each one as soon as it is prepared keeps the garbage collector quiet.
     # So the mode is guessed from an upper bound of the total (exact when it says
@@ -274,13 +275,16 @@ def render_payload(services: Iterable[object], endpoint_slices: Iterable[object]
 _THRESHOLD = n.LARGE_CLUSTER_ENDPOINTS_THRESHOLD
 
 
-def _render_all(ctx: _Context, order: List[str], groups: Dict[str, List[o.Service]],
-                slice_groups: Dict[str, List[object]], large: bool) -> Tuple[List[Tuple[str, "_Rendered"]], int]:
-    """Every Service rendered (in ``order``) and the endpoint total."""
+def _render_all(ctx: _Context, order: List[ServiceKey], groups: Dict[ServiceKey, List[o.Service]],
+                slice_groups: Dict[ServiceKey, List[object]], large: bool
+                ) -> Tuple[List[Tuple[str, "_Rendered"]], int]:
+    """Every Service rendered (in ``order``), with its "namespace/name", and the
+    endpoint total."""
     rendered = []
     total = 0
-    for name in order:
-        ports, count = _prepare(ctx, name, groups[name], slice_groups.get(name))
+    for key in order:
+        name = f"{key[0]}/{key[1]}"
+        ports, count = _prepare(ctx, name, groups[key], slice_groups.get(key))
         total += count
         rendered.append((name, _render_service(ctx, ports, large) if ports else _EMPTY_RENDER))
     return rendered, total
@@ -318,14 +322,18 @@ except ImportError:  # pragma: no cover
 HASH_CACHE_SIZE = 1 << 16
 
 
+_unpack_80 = struct.Struct(">HHHHH").unpack_from      # the first 80 bits as five 16-bit numbers
+
+
 @lru_cache(maxsize=HASH_CACHE_SIZE)
 def _hash16(text: str) -> str:
     """``names._b32_16``: the first 16 base32 digits of sha256(text), i.e. of its first
-    80 bits, without going through ``base64`` (pure Python in CPython 3.11)."""
-    v = int.from_bytes(_sha256(text.encode()).digest()[:10], "big")
+    80 bits, ten bits (two digits) at a time, without ``base64`` (pure Python in 3.11)."""
+    a, b, c, d, e = _unpack_80(_sha256(text.encode()).digest())
     p = _B32_PAIRS
-    return (p[v >> 70] + p[(v >> 60) & 1023] + p[(v >> 50) & 1023] + p[(v >> 40) & 1023]
-            + p[(v >> 30) & 1023] + p[(v >> 20) & 1023] + p[(v >> 10) & 1023] + p[v & 1023])
+    return "".join((p[a >> 6], p[((a & 63) << 4) | (b >> 12)], p[(b >> 2) & 1023], p[((b & 3) << 8) | (c >> 8)],
+                    p[((c & 255) << 2) | (d >> 14)], p[(d >> 4) & 1023], p[((d & 15) << 6) | (e >> 10)],
+                    p[e & 1023]))
 
 
 _probability = lru_cache(maxsize=4096)(n.probability)
@@ -443,36 +451,32 @@ _context.cache_clear = _cached_context.cache_clear  # type: ignore[attr-defined]
 
 
 def _group_services(services: Iterable[object],
-                    only: Optional[Set[str]] = None) -> Tuple[Dict[str, List[o.Service]], Dict[str, ServiceKey]]:
-    """The Services by ``"namespace/name"``, in input order, and each name's
-    (namespace, name), which orders them (``only``: just those names)."""
-    out: Dict[str, List[o.Service]] = {}
-    keys: Dict[str, ServiceKey] = {}
+                    only: Optional[Set[ServiceKey]] = None) -> Dict[ServiceKey, List[o.Service]]:
+    """The Services by (namespace, name), in input order (``only``: just those)."""
+    out: Dict[ServiceKey, List[o.Service]] = {}
     Service, default = o.Service, o.DEFAULT_NAMESPACE
     for svc in services:
         if isinstance(svc, Service):
             meta = svc.metadata
-            ns = meta.namespace or default
-            name = f"{ns}/{meta.name}"
-            if only is not None and name not in only:
+            key = (meta.namespace or default, meta.name)
+            if only is not None and key not in only:
                 continue
-            group = out.get(name)
+            group = out.get(key)
             if group is None:
-                out[name] = [svc]
-                keys[name] = (ns, meta.name)
+                out[key] = [svc]
             else:
                 group.append(svc)
-    return out, keys
+    return out
 
 
-def _group_slices(endpoint_slices: Iterable[object], only: Optional[Set[str]] = None,
-                  short: Optional[Set[str]] = None) -> Dict[str, List[object]]:
-    """The EndpointSlices and Endpoints by the ``"namespace/name"`` of their Service,
-    in input order (``only``: just those Services, whose names without the namespace
-    are ``short``)."""
-    out: Dict[str, List[object]] = {}
+def _group_slices(endpoint_slices: Iterable[object],
+                  only: Optional[Set[ServiceKey]] = None) -> Dict[ServiceKey, List[object]]:
+    """The EndpointSlices and Endpoints by the (namespace, name) of their Service, in
+    input order (``only``: just those Services)."""
+    out: Dict[ServiceKey, List[object]] = {}
     Slice, Endpoints = o.EndpointSlice, o.Endpoints
     label, default = o.SERVICE_NAME_LABEL, o.DEFAULT_NAMESPACE
+    short = None if only is None else {key[1] for key in only}
     for item in endpoint_slices:
         if isinstance(item, Slice):
             meta = item.metadata
@@ -486,12 +490,12 @@ def _group_slices(endpoint_slices: Iterable[object], only: Optional[Set[str]] = 
             continue
         if short is not None and svc_name not in short:
             continue
-        name = f"{meta.namespace or default}/{svc_name}"
-        if only is not None and name not in only:
+        key = (meta.namespace or default, svc_name)
+        if only is not None and key not in only:
             continue
-        group = out.get(name)
+        group = out.get(key)
         if group is None:
-            out[name] = [item]
+            out[key] = [item]
         else:
             group.append(item)
     return out
@@ -787,10 +791,10 @@ def _payload(ctx: _Context, filter_rules: List[str], nat_rules: List[str], nat_c
 class _Entry:
     """What an IncrementalRenderer remembers of one Service."""
 
-    __slots__ = ("key", "fingerprint", "count", "large", "rendered", "pos")
+    __slots__ = ("name", "fingerprint", "count", "large", "rendered", "pos")
 
-    def __init__(self, key: ServiceKey, fingerprint: Hashable):
-        self.key = key                      # (namespace, name)
+    def __init__(self, name: str, fingerprint: Hashable):
+        self.name = name                    # "namespace/name"
         self.fingerprint = fingerprint      # of the Service objects and their slices
         self.count = 0                      # endpoints of its ports (large-cluster mode)
         self.large: Optional[bool] = None   # the mode ``rendered`` was made in (None: either)
@@ -827,14 +831,15 @@ class IncrementalRenderer:
 
     def clear(self) -> None:
         """Forget every Service (the next call renders them all)."""
-        self._entries: Dict[str, _Entry] = {}        # by "namespace/name"
-        self._order: List[str] = []                  # the names, sorted by (namespace, name)
-        self._filter: List[str] = []                 # each one's filter rules, in that order
-        self._capture: List[str] = []                # each one's nat capture rules, in that order
-        self._active: Dict[str, int] = {}            # chain -> how many Services have it
-        self._total = 0                              # endpoints, for large-cluster mode
-        self._in_mode = {False: 0, True: 0}          # Services rendered in each mode
-        self.last_rendered = 0                       # Services (re-)rendered by the last call
+        self._entries: Dict[ServiceKey, _Entry] = {}
+        self._order: List[ServiceKey] = []            # the keys, sorted
+        self._by_name: Dict[str, List[ServiceKey]] = {}
+        self._filter: List[str] = []                  # each one's filter rules, in that order
+        self._capture: List[str] = []                 # each one's nat capture rules, in that order
+        self._active: Dict[str, int] = {}             # chain -> how many Services have it
+        self._total = 0                               # endpoints, for large-cluster mode
+        self._in_mode = {False: 0, True: 0}           # Services rendered in each mode
+        self.last_rendered = 0                        # Services (re-)rendered by the last call
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -851,99 +856,106 @@ class IncrementalRenderer:
         """What ``render_payload(services, endpoint_slices, settings, changed,
         existing_chains)`` returns (see the class docstring for ``fingerprints``)."""
         ctx, entries = self._ctx, self._entries
+        if not isinstance(services, (list, tuple)):
+            services = list(services)
         if not isinstance(endpoint_slices, (list, tuple)):
             endpoint_slices = list(endpoint_slices)
-        given = {} if fingerprints is None else fingerprints
 
-        # 1. The Services by name: the new ones and those whose fingerprint moved are
+        # 1. The Services by key: the new ones and those whose fingerprint moved are
         # stale. With a given fingerprint that did not move, a Service is not looked at
-        # further (no allocation per unchanged Service: the garbage collector stays quiet).
-        groups: Dict[str, List[o.Service]] = {}      # the Service objects of the possibly stale
-        keys: Dict[str, ServiceKey] = {}
-        seen: Set[str] = set()
+        # further (nothing kept per unchanged Service: the garbage collector stays quiet).
+        groups: Dict[ServiceKey, List[o.Service]] = {}     # the objects of those that may be stale
+        seen: Set[ServiceKey] = set()
         Service, default = o.Service, o.DEFAULT_NAMESPACE
         for svc in services:
             if not isinstance(svc, Service):
                 continue
             meta = svc.metadata
-            ns = meta.namespace or default
-            name = f"{ns}/{meta.name}"
-            group = groups.get(name)
+            key = (meta.namespace or default, meta.name)
+            group = groups.get(key)
             if group is not None:
                 group.append(svc)
                 continue
-            if name in seen:
-                continue                             # another object of an unchanged Service
-            seen.add(name)
-            fp = given.get(name)
-            if fp is not None:
-                entry = entries.get(name)
-                if entry is not None and entry.fingerprint == fp:
-                    continue
-            groups[name] = [svc]
-            keys[name] = (ns, meta.name)
-        slice_groups: Optional[Dict[str, List[object]]] = None
-        stale: List[str] = []
-        for name, svcs in groups.items():
-            fp = given.get(name)
+            if key in seen:
+                continue                                   # another object of an unchanged Service
+            seen.add(key)
+            if fingerprints is not None:
+                entry = entries.get(key)
+                if entry is not None:
+                    fp = fingerprints.get(entry.name)
+                    if fp is not None and entry.fingerprint == fp:
+                        continue
+            groups[key] = [svc]
+        slice_groups: Optional[Dict[ServiceKey, List[object]]] = None
+        all_slices = False            # slice_groups has every Service's slices
+        stale: List[ServiceKey] = []
+        for key, svcs in groups.items():
+            name = f"{key[0]}/{key[1]}"
+            fp = None if fingerprints is None else fingerprints.get(name)
             if fp is None:
-                if slice_groups is None:
-                    slice_groups = _group_slices(endpoint_slices)
-                fp = service_group_fingerprint(svcs, slice_groups.get(name, ()))
-            entry = entries.get(name)
+                if not all_slices:
+                    slice_groups, all_slices = _group_slices(endpoint_slices), True
+                fp = service_group_fingerprint(svcs, slice_groups.get(key, ()))
+            entry = entries.get(key)
             if entry is None:
-                entries[name] = _Entry(keys[name], fp)
-                stale.append(name)
+                entries[key] = _Entry(name, fp)
+                stale.append(key)
             elif entry.fingerprint != fp:
                 entry.fingerprint = fp
-                stale.append(name)
+                stale.append(key)
         if len(entries) != len(seen):
-            for name in [name for name in entries if name not in seen]:
-                self._drop(entries.pop(name))
-        if len(self._order) != len(entries) or any(entries[name].pos < 0 for name in stale):
+            for key in [key for key in entries if key not in seen]:
+                self._drop(entries.pop(key))
+        if len(self._order) != len(entries) or any(entries[key].pos < 0 for key in stale):
             self._reorder()
 
         # 2. Render the stale ones, in the large-cluster mode their endpoint counts are
         # likely to give (as render_payload guesses it); step 3 mends a wrong guess.
         if stale:
-            slice_groups = _slices_for(endpoint_slices, slice_groups, stale, entries)
-            bound = self._total - sum(entries[name].count for name in stale)
-            guess = bound + sum(_endpoint_bound(slice_groups.get(name, ())) for name in stale) > _THRESHOLD
-            for name in stale:
-                ports, count = _prepare(ctx, name, groups[name], slice_groups.get(name))
-                entry = entries[name]
+            if not all_slices:
+                slice_groups = _group_slices(endpoint_slices, set(stale))
+            bound = self._total - sum(entries[key].count for key in stale)
+            guess = bound + sum(_endpoint_bound(slice_groups.get(key, ())) for key in stale) > _THRESHOLD
+            for key in stale:
+                entry = entries[key]
+                ports, count = _prepare(ctx, entry.name, groups[key], slice_groups.get(key))
                 self._total += count - entry.count
                 entry.count = count
                 self._put(entry, _render_service(ctx, ports, guess) if ports else _EMPTY_RENDER, guess)
         large = self._total > _THRESHOLD
         wanted = _changed_names(changed)
+        if wanted is None:
+            written = self._order
+        else:
+            written = [key for name in wanted for key in self._by_name.get(name, ())]
 
         # 3. Services whose own chains this payload writes, rendered in the other mode.
-        again: List[str] = []
+        again: List[ServiceKey] = []
         if self._in_mode[not large]:
-            names = self._order if wanted is None else wanted
-            again = [name for name in names if name in entries and entries[name].large is (not large)]
+            again = [key for key in written if entries[key].large is (not large)]
             if again:
-                missing = {name for name in again if name not in groups}
+                missing = {key for key in again if key not in groups}
                 if missing:
-                    groups.update(_group_services(services, only=missing)[0])
-                slice_groups = _slices_for(endpoint_slices, slice_groups, again, entries)
-                for name in again:
-                    ports = _prepare(ctx, name, groups[name], slice_groups.get(name))[0]
-                    self._put(entries[name], _render_service(ctx, ports, large) if ports else _EMPTY_RENDER, large)
+                    groups.update(_group_services(services, missing))
+                if not all_slices:
+                    slice_groups = _group_slices(endpoint_slices, set(again))
+                for key in again:
+                    entry = entries[key]
+                    ports = _prepare(ctx, entry.name, groups[key], slice_groups.get(key))[0]
+                    self._put(entry, _render_service(ctx, ports, large) if ports else _EMPTY_RENDER, large)
         self.last_rendered = len(set(stale).union(again))
 
         # 4. Join every Service's pieces.
         if wanted is None:
-            rendered = [entries[name].rendered for name in self._order]
+            rendered = [entries[key].rendered for key in self._order]
             nat = [r.nat_rules for r in rendered]
             chains = [r.chain_lines for r in rendered]
         else:
             nat = list(self._capture)
-            written = sorted((entries[name].pos, entries[name].rendered) for name in wanted if name in entries)
-            for pos, r in written:
+            mine = sorted((entries[key].pos, entries[key].rendered) for key in written)
+            for pos, r in mine:
                 nat[pos] = r.nat_rules
-            chains = [r.chain_lines for _, r in written]
+            chains = [r.chain_lines for _, r in mine]
         return _payload(ctx, self._filter, nat, chains, wanted is None, existing_chains, self._active, large)
 
     def _put(self, entry: _Entry, rendered: _Rendered, large: bool) -> None:
@@ -972,11 +984,14 @@ class IncrementalRenderer:
 
     def _reorder(self) -> None:
         entries = self._entries
-        self._order = sorted(entries, key=lambda name: entries[name].key)
-        for pos, name in enumerate(self._order):
-            entries[name].pos = pos
-        self._filter = [entries[name].rendered.filter_rules for name in self._order]
-        self._capture = [entries[name].rendered.capture for name in self._order]
+        self._order = sorted(entries)
+        self._by_name = {}
+        for pos, key in enumerate(self._order):
+            entry = entries[key]
+            entry.pos = pos
+            self._by_name.setdefault(entry.name, []).append(key)
+        self._filter = [entries[key].rendered.filter_rules for key in self._order]
+        self._capture = [entries[key].rendered.capture for key in self._order]
 
     def _set_mode(self, entry: _Entry, large: Optional[bool]) -> None:
         if entry.large is not None:
@@ -984,14 +999,6 @@ class IncrementalRenderer:
         entry.large = large
         if large is not None:
             self._in_mode[large] += 1
-
-
-def _slices_for(endpoint_slices: Sequence[object], slice_groups: Optional[Dict[str, List[object]]],
-                names: List[str], entries: Dict[str, _Entry]) -> Dict[str, List[object]]:
-    """Slices grouped by Service, at least for the Services ``names``."""
-    if slice_groups is not None:
-        return slice_groups
-    return _group_slices(endpoint_slices, set(names), {entries[name].key[1] for name in names})
 
 
 _SHARED: Dict[NodeSettings, IncrementalRenderer] = {}
