@@ -13,13 +13,13 @@ from __future__ import annotations
 import ipaddress
 import re
 from functools import lru_cache
-from typing import Optional, Tuple, Union
+from typing import Dict, Optional, Tuple, Union
 
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 # Distinct IP texts remembered by the parsers (per parser).
-CACHE_SIZE = 1 << 16
+CACHE_SIZE = 1 << 17
 
 # A canonical dotted quad (ASCII digits, no leading zeros, each part <= 255): its own
 # canonical form, no parsing needed.
@@ -51,15 +51,26 @@ def parse_ip_sloppy(text: str) -> Optional[IPAddress]:
     return _parse_ip(text)
 
 
-@lru_cache(maxsize=CACHE_SIZE)
+_TEXT_FAMILY: Dict[str, Optional[Tuple[str, str]]] = {}
+_MISSING = object()
+
+
 def ip_text_family(text: str) -> Optional[Tuple[str, str]]:
     """``(canonical text, "IPv4" | "IPv6")`` of ``parse_ip_sloppy(text)``; None if invalid."""
+    # A plain dict (emptied when full), not an lru_cache: its entries are not objects the
+    # garbage collector tracks, and a hit costs one lookup.
+    out = _TEXT_FAMILY.get(text, _MISSING)
+    if out is not _MISSING:
+        return out  # type: ignore[return-value]
     if _CANONICAL_V4.fullmatch(text):
-        return text, "IPv4"
-    ip = parse_ip_sloppy(text)
-    if ip is None:
-        return None
-    return str(ip), ("IPv6" if ip.version == 6 else "IPv4")
+        out = (text, "IPv4")
+    else:
+        ip = parse_ip_sloppy(text)
+        out = None if ip is None else (str(ip), "IPv6" if ip.version == 6 else "IPv4")
+    if len(_TEXT_FAMILY) >= CACHE_SIZE:
+        _TEXT_FAMILY.clear()
+    _TEXT_FAMILY[text] = out
+    return out
 
 
 @lru_cache(maxsize=CACHE_SIZE)
@@ -104,5 +115,6 @@ def join_host_port(host: str, port: int) -> str:
 
 def clear_caches() -> None:
     """Forget every memoised parse (for benchmarks that time a cold start)."""
-    for fn in (parse_ip_sloppy, ip_text_family, parse_cidr_sloppy, cidr_text_family):
+    for fn in (parse_ip_sloppy, parse_cidr_sloppy, cidr_text_family):
         fn.cache_clear()
+    _TEXT_FAMILY.clear()

@@ -318,15 +318,15 @@ try:        # CPython's own SHA-256: half the cost of OpenSSL's for these short 
 except ImportError:  # pragma: no cover
     _sha256 = hashlib.sha256
 
-# Distinct chain-name hashes remembered (one per service port and per endpoint of it).
-HASH_CACHE_SIZE = 1 << 16
-
-
+# Chain-name hashes remembered (one per service port and per endpoint of it), in a
+# plain dict emptied when full: its entries are not objects the garbage collector
+# tracks, and a hit is one lookup.
+HASH_CACHE_SIZE = 1 << 17
+_HASHES: Dict[str, str] = {}
 _unpack_80 = struct.Struct(">HHHHH").unpack_from      # the first 80 bits as five 16-bit numbers
 
 
-@lru_cache(maxsize=HASH_CACHE_SIZE)
-def _hash16(text: str) -> str:
+def _b32_16(text: str) -> str:
     """``names._b32_16``: the first 16 base32 digits of sha256(text), i.e. of its first
     80 bits, ten bits (two digits) at a time, without ``base64`` (pure Python in 3.11)."""
     a, b, c, d, e = _unpack_80(_sha256(text.encode()).digest())
@@ -334,6 +334,16 @@ def _hash16(text: str) -> str:
     return "".join((p[a >> 6], p[((a & 63) << 4) | (b >> 12)], p[(b >> 2) & 1023], p[((b & 3) << 8) | (c >> 8)],
                     p[((c & 255) << 2) | (d >> 14)], p[(d >> 4) & 1023], p[((d & 15) << 6) | (e >> 10)],
                     p[e & 1023]))
+
+
+def _hash16(text: str) -> str:
+    """``_b32_16(text)``, remembered."""
+    h = _HASHES.get(text)
+    if h is None:
+        if len(_HASHES) >= HASH_CACHE_SIZE:
+            _HASHES.clear()
+        h = _HASHES[text] = _b32_16(text)
+    return h
 
 
 _probability = lru_cache(maxsize=4096)(n.probability)
@@ -347,8 +357,9 @@ def _network(cidr: str):
 def clear_caches() -> None:
     """Forget every memo the render keeps between calls (chain-name hashes, parsed
     settings, parsed IPs): for benchmarks that time a cold start."""
-    for fn in (_hash16, _probability, _network, _context):
+    for fn in (_probability, _network, _context):
         fn.cache_clear()
+    _HASHES.clear()
     clear_netutil_caches()
 
 
@@ -541,20 +552,19 @@ def _port_key(info: ServicePortInfo) -> Tuple[str, str]:
 # --------------------------------------------------------------------------- one Service
 
 
-class _Rendered:
-    """One Service's share of the payload: multi-line chunks ("" when empty)."""
+# One Service's share of the payload, as multi-line chunks ("" when empty): a plain
+# tuple of strings (the garbage collector stops tracking those: a full render keeps
+# 10,000s of them alive at once):
+#   FILTER   its rules in the filter table
+#   CAPTURE  its nat KUBE-SERVICES / KUBE-NODEPORTS rules only
+#   NAT      those and the rules of its own chains, in order
+#   LINES    ":CHAIN - [0:0]" of its own chains
+#   CHAINS   its own (active) nat chains, a tuple
+_Rendered = Tuple[str, str, str, str, Tuple[str, ...]]
+FILTER, CAPTURE, NAT, LINES, CHAINS = range(5)
 
-    __slots__ = ("filter_rules", "capture", "nat_rules", "chain_lines", "chains")
 
-    def __init__(self, filter_rules: str, capture: str, nat_rules: str, chain_lines: str, chains: Tuple[str, ...]):
-        self.filter_rules = filter_rules    # its rules in the filter table
-        self.capture = capture              # its nat KUBE-SERVICES / KUBE-NODEPORTS rules only
-        self.nat_rules = nat_rules          # those and the rules of its own chains, in order
-        self.chain_lines = chain_lines      # ":CHAIN - [0:0]" of its own chains
-        self.chains = chains                # its own (active) nat chains
-
-
-_EMPTY_RENDER = _Rendered("", "", "", "", ())
+_EMPTY_RENDER: _Rendered = ("", "", "", "", ())
 
 
 def _render_service(ctx: _Context, ports: Prepared, large: bool) -> _Rendered:
@@ -563,12 +573,12 @@ def _render_service(ctx: _Context, ports: Prepared, large: bool) -> _Rendered:
     capture: List[str] = []
     nat: List[str] = []
     chains: List[str] = []
-    hash16 = _hash16
+    hashes, hash16 = _HASHES, _hash16
     for name, svc, endpoints in ports:
         proto = svc.protocol.lower()
         pm = f"-m {proto} -p {proto}"
         name_proto = name + proto
-        h = hash16(name_proto)
+        h = hashes.get(name_proto) or hash16(name_proto)
         cluster_chain = "KUBE-SVC-" + h
         local_chain = "KUBE-SVL-" + h
         ext_chain = "KUBE-EXT-" + h
@@ -703,7 +713,8 @@ def _render_service(ctx: _Context, ports: Prepared, large: bool) -> _Rendered:
         for ep in reachable:
             text = str(ep)
             texts.append(text)
-            seps[text] = "KUBE-SEP-" + hash16(name_proto + text)
+            key = name_proto + text
+            seps[text] = "KUBE-SEP-" + (hashes.get(key) or hash16(key))
         affinity = svc.session_affinity == "ClientIP"
         for used, chain, eps in ((uses_cluster_chain, cluster_chain, cluster_eps),
                                  (uses_local_chain, local_chain, local_eps)):
@@ -741,7 +752,7 @@ def _render_service(ctx: _Context, ports: Prepared, large: bool) -> _Rendered:
                 nat.append(f"{head} -m recent --name {sep} --set {pm} -j DNAT --to-destination {text}")
             else:
                 nat.append(f"{head} {pm} -j DNAT --to-destination {text}")
-    return _Rendered("\n".join(filt), "\n".join(capture), "\n".join(nat),
+    return ("\n".join(filt), "\n".join(capture), "\n".join(nat),
                      "\n".join([f":{c} - [0:0]" for c in chains]), tuple(chains))
 
 
@@ -757,13 +768,13 @@ def _assemble(ctx: _Context, rendered: Iterable[Tuple[str, _Rendered]], changed:
     nat_rules: List[str] = []
     active: Set[str] = set()
     for name, r in rendered:
-        filter_rules.append(r.filter_rules)
+        filter_rules.append(r[FILTER])
         if changed is None or name in changed:
-            nat_chains.append(r.chain_lines)
-            nat_rules.append(r.nat_rules)
+            nat_chains.append(r[LINES])
+            nat_rules.append(r[NAT])
         else:
-            nat_rules.append(r.capture)
-        active.update(r.chains)
+            nat_rules.append(r[CAPTURE])
+        active.update(r[CHAINS])
     return _payload(ctx, filter_rules, nat_rules, nat_chains, changed is None, existing_chains, active, large)
 
 
@@ -948,33 +959,33 @@ class IncrementalRenderer:
         # 4. Join every Service's pieces.
         if wanted is None:
             rendered = [entries[key].rendered for key in self._order]
-            nat = [r.nat_rules for r in rendered]
-            chains = [r.chain_lines for r in rendered]
+            nat = [r[NAT] for r in rendered]
+            chains = [r[LINES] for r in rendered]
         else:
             nat = list(self._capture)
             mine = sorted((entries[key].pos, entries[key].rendered) for key in written)
             for pos, r in mine:
-                nat[pos] = r.nat_rules
-            chains = [r.chain_lines for _, r in mine]
+                nat[pos] = r[NAT]
+            chains = [r[LINES] for _, r in mine]
         return _payload(ctx, self._filter, nat, chains, wanted is None, existing_chains, self._active, large)
 
     def _put(self, entry: _Entry, rendered: _Rendered, large: bool) -> None:
         """Keep ``rendered`` (made in mode ``large``) as the entry's pieces."""
         active = self._active
-        for chain in entry.rendered.chains:
+        for chain in entry.rendered[CHAINS]:
             if active[chain] == 1:
                 del active[chain]
             else:
                 active[chain] -= 1
-        for chain in rendered.chains:
+        for chain in rendered[CHAINS]:
             active[chain] = active.get(chain, 0) + 1
         entry.rendered = rendered
         self._set_mode(entry, large if entry.count > 0 else None)
-        self._filter[entry.pos] = rendered.filter_rules
-        self._capture[entry.pos] = rendered.capture
+        self._filter[entry.pos] = rendered[FILTER]
+        self._capture[entry.pos] = rendered[CAPTURE]
 
     def _drop(self, entry: _Entry) -> None:
-        for chain in entry.rendered.chains:
+        for chain in entry.rendered[CHAINS]:
             if self._active[chain] == 1:
                 del self._active[chain]
             else:
@@ -990,8 +1001,8 @@ class IncrementalRenderer:
             entry = entries[key]
             entry.pos = pos
             self._by_name.setdefault(entry.name, []).append(key)
-        self._filter = [entries[key].rendered.filter_rules for key in self._order]
-        self._capture = [entries[key].rendered.capture for key in self._order]
+        self._filter = [entries[key].rendered[FILTER] for key in self._order]
+        self._capture = [entries[key].rendered[CAPTURE] for key in self._order]
 
     def _set_mode(self, entry: _Entry, large: Optional[bool]) -> None:
         if entry.large is not None:
