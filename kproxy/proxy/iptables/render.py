@@ -18,7 +18,9 @@ Each Service is rendered on its own into a few multi-line chunks (its filter rul
 nat capture rules, its own chains and their rules) and the payload is those chunks
 joined. ``IncrementalRenderer`` keeps the chunks between calls, keyed by a fingerprint
 of the Service and its endpoints, so a sync where one Service changed re-renders that
-Service only; its output is byte for byte ``render_payload``'s.
+Service only; its output is byte for byte ``render_payload``'s. ``render`` itself keeps
+nothing between calls but bounded memos of chain-name hashes and parsed IPs
+(``clear_caches()`` empties them).
 
 The jump rules from the built-in chains are not part of the payload: see ``jumps.py``.
 """
@@ -217,11 +219,6 @@ class Payload:
 
 def _comment(text: str) -> List[str]:
     return ["-m", "comment", "--comment", f'"{text}"' if " " in text else text]
-
-
-def _comment_text(text: str) -> str:
-    """``_comment`` as one string."""
-    return "-m comment --comment " + (f'"{text}"' if " " in text else text)
 
 
 def _line(*parts: Union[str, Sequence[str]]) -> str:
@@ -1013,13 +1010,14 @@ class IncrementalRenderer:
 
 
 _SHARED: Dict[NodeSettings, IncrementalRenderer] = {}
-SHARED_RENDERERS = 64
+SHARED_RENDERERS = 8       # one holds ~20 MB at 10,000 Services
 
 
 def shared_renderer(settings: NodeSettings) -> IncrementalRenderer:
     """This process's IncrementalRenderer for ``settings`` (one per node), for callers
     that are themselves made anew for every sync. At most ``SHARED_RENDERERS`` are kept
-    (the oldest is dropped)."""
+    (the oldest is dropped). Like the renderer itself, not for use from several threads
+    at once."""
     renderer = _SHARED.get(settings)
     if renderer is None:
         if len(_SHARED) >= SHARED_RENDERERS:
