@@ -53,7 +53,7 @@ def test_switch_modes_on_a_running_cluster(lab):
         time.sleep(0.3)
         out = kproxy_cli("proxy-mode", "set", "nftables", env=env, check=True).stdout
         assert "switched from iptables to nftables mode on 2 nodes" in out and "ms" in out
-        time.sleep(0.3)
+        time.sleep(1.0)
     finally:
         prober.terminate()
         lines = prober.communicate(timeout=5)[0].splitlines()
