@@ -86,6 +86,9 @@ while [ $# -gt 0 ]; do
   esac
 done
 [ "$PREPARE_ONLY" = 1 ] || [ $# -gt 0 ] || die "no command: scripts/vm/run.sh [OPTIONS] -- COMMAND [ARG...]"
+# A caller (or a checkout) under /tmp, such as a CI clone, would find an empty /tmp in the
+# VM: show the host's /tmp then, so the working directory and the repository are there.
+case "$PWD/ $REPO/" in /tmp/*|*" /tmp/"*) HOST_TMP=1 ;; esac
 [[ $TIMEOUT =~ ^[0-9]+$ ]] && [ "$TIMEOUT" -gt 0 ] || die "--timeout wants a number of seconds, not '$TIMEOUT'"
 [[ $MEM =~ ^[0-9]+$ ]] || die "--mem wants megabytes, not '$MEM'"
 [[ $SMP =~ ^[0-9]+$ ]] || die "--smp wants a number, not '$SMP'"
