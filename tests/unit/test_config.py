@@ -45,10 +45,13 @@ def test_interface_names_fit_and_do_not_collide():
     assert naming.check_ifname("port15") == "port15"
     with pytest.raises(ValueError, match="at most 15"):
         naming.check_ifname("a-very-long-interface")
-    long_a = "web-" + "x" * 200 + "-a"
-    long_b = "web-" + "x" * 200 + "-b"
-    names = {("veth" + naming.short_hash("ctr", n)) for n in (long_a, long_b)}
-    assert len(names) == 2 and all(len(n) <= 15 for n in names)
+    from cni.bridge import host_veth_name
+    # the cluster's container IDs for two long pod names that differ only at the end,
+    # then the host-side veth names the bridge plugin derives from them
+    pods = ["web-" + "x" * 200 + "-a", "web-" + "x" * 200 + "-b"]
+    ids = [naming.short_hash("kproxy", "default", p, length=32) for p in pods]
+    names = {host_veth_name(cid, "eth0") for cid in ids}
+    assert len(names) == 2 and all(len(n.encode()) <= 15 for n in names)
 
 
 def test_pod_namespace_names():
