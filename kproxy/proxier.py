@@ -19,22 +19,15 @@ from kproxy.model import objects as o
 from kproxy.proxy.iptables import names
 from kproxy.proxy.iptables.jumps import CLEANUP_CHAINS, all_jump_rules
 from kproxy.proxy.iptables.render import NodeSettings, render_payload
+from kproxy.proxy.types import service_fingerprints
 
 
 def fingerprints(services: List[o.Service], slices: List[o.EndpointSlice]) -> Dict[str, str]:
-    """One digest per Service ("ns/name") over everything that shapes its rules."""
-    by_svc: Dict[str, List[str]] = {}
-    for s in slices:
-        by_svc.setdefault(f"{s.namespace}/{s.service_name}", []).append(repr((s.ports, s.endpoints)))
-    out = {}
-    for svc in services:
-        key = svc.namespaced_name
-        text = repr((svc.type, svc.cluster_ip, svc.cluster_ips, svc.ports, svc.external_ips,
-                     svc.load_balancer_ingress, svc.load_balancer_source_ranges, svc.session_affinity,
-                     svc.session_affinity_timeout, svc.external_traffic_policy, svc.internal_traffic_policy,
-                     svc.health_check_node_port, sorted(by_svc.get(key, []))))
-        out[key] = hashlib.sha256(text.encode()).hexdigest()[:16]
-    return out
+    """One digest per Service ("ns/name") of everything that shapes its rules: the
+    renderer's own fingerprint (kproxy.proxy.types.service_fingerprints), made short
+    and JSON-safe so it can be kept in the cluster's state between runs."""
+    return {key: hashlib.sha256(repr(value).encode()).hexdigest()[:16]
+            for key, value in service_fingerprints(services, slices).items()}
 
 
 class Proxier:
