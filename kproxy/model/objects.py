@@ -16,6 +16,7 @@ DEFAULT_NAMESPACE = "default"
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 MANAGED_BY_LABEL = "endpointslice.kubernetes.io/managed-by"
 DEFAULT_SESSION_AFFINITY_SECONDS = 10800
+DEFAULT_PROGRESS_DEADLINE_SECONDS = 600    # apps/v1 Deployment spec.progressDeadlineSeconds
 
 # Kinds kproxy models; everything else loads as NotEmulated.
 SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer", "ExternalName")
@@ -186,6 +187,18 @@ class Deployment(_Namespaced):
     @property
     def selector(self) -> Dict[str, str]:
         return self.match_labels
+
+    @property
+    def progress_deadline_seconds(self) -> int:
+        """``spec.progressDeadlineSeconds``, read from ``raw`` (default 600, as apps/v1
+        defaults it; a value that is not an integer, which validation refuses, also
+        gives the default)."""
+        value = (self.raw.get("spec") or {}).get("progressDeadlineSeconds") if isinstance(self.raw, dict) else None
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        return DEFAULT_PROGRESS_DEADLINE_SECONDS
 
 
 # --------------------------------------------------------------------------- Services

@@ -244,6 +244,23 @@ def validate_deployment(dep: o.Deployment) -> Problems:
         if surge == 0 and unavailable == 0:
             problems.append((f"{base}.maxUnavailable",
                              "Invalid value: 0: may not be 0 when `maxSurge` is 0"))
+    if dep.min_ready_seconds < 0:
+        problems.append(("spec.minReadySeconds",
+                         f"Invalid value: {dep.min_ready_seconds}: must be greater than or equal to 0"))
+    raw_deadline = (dep.raw.get("spec") or {}).get("progressDeadlineSeconds") if isinstance(dep.raw, dict) else None
+    if raw_deadline is not None and (isinstance(raw_deadline, bool) or not isinstance(raw_deadline, (int, float))
+                                     or raw_deadline != int(raw_deadline)):
+        problems.append(("spec.progressDeadlineSeconds", f"Invalid value: {_q(raw_deadline)}: must be an integer"))
+    else:
+        # apps/v1 defaults the deadline to 600 before validating, so minReadySeconds: 600
+        # alone is refused as well.
+        deadline = dep.progress_deadline_seconds
+        if deadline < 0:
+            problems.append(("spec.progressDeadlineSeconds",
+                             f"Invalid value: {deadline}: must be greater than or equal to 0"))
+        if deadline <= dep.min_ready_seconds:
+            problems.append(("spec.progressDeadlineSeconds",
+                             f"Invalid value: {deadline}: must be greater than minReadySeconds"))
     return problems
 
 
