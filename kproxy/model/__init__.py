@@ -11,13 +11,15 @@ from kproxy.model.loader import LoadedObject, expand_paths, load, loads
 from kproxy.model.objects import (
     Container, ContainerPort, Deployment, DeploymentStrategy, Endpoint, EndpointConditions,
     EndpointPort, Endpoints, EndpointSlice, LoadBalancerIngress, Namespace, NotEmulated,
-    ObjectMeta, Pod, PodSpec, PodStatus, PodTemplate, RollingUpdate, Service, ServicePort,
+    ObjectMeta, Pod, PodSpec, PodStatus, PodTemplate, ResourceQuota, RollingUpdate, Service,
+    ServicePort,
 )
 
 __all__ = [
     "Container", "ContainerPort", "Deployment", "DeploymentStrategy", "Endpoint",
     "EndpointConditions", "EndpointPort", "Endpoints", "EndpointSlice", "LoadBalancerIngress",
     "LoadedObject", "ManifestError", "Namespace", "NotEmulated", "ObjectMeta", "Pod", "PodSpec",
-    "PodStatus", "PodTemplate", "RollingUpdate", "Service", "ServicePort", "endpoint_slices_for",
+    "PodStatus", "PodTemplate", "ResourceQuota", "RollingUpdate", "Service", "ServicePort",
+    "endpoint_slices_for",
     "expand_paths", "find_port", "load", "loads",
 ]

@@ -208,6 +208,8 @@ def _decode(path: str, doc_index: int, item_index: Optional[int], doc: Any, stri
         problems += VALIDATORS[kind](obj)
     if problems:
         return [ManifestError(reason, obj=ref, field=fpath, **where) for fpath, reason in problems]
+    if isinstance(obj, o.ResourceQuota):
+        warnings += [f"{ref}: {w}" for w in obj.warnings()]
     if isinstance(obj, o.EndpointSlice) and not obj.service_name:
         warnings.append(f"{ref}: no {o.SERVICE_NAME_LABEL} label; kube-proxy ignores this slice")
     return LoadedObject(path, doc_index, kind, api_version, obj, item_index, warnings)

@@ -349,6 +349,48 @@ class Endpoints(_Namespaced):
         return slices
 
 
+# --------------------------------------------------------------------------- ResourceQuota
+
+# The quota resources kproxy enforces (kproxy.quota); any other is kept, not enforced.
+QUOTA_ENFORCED_RESOURCES = ("count/pods", "count/services", "pods", "services",
+                            "services.loadbalancers", "services.nodeports")
+
+
+@dataclass
+class ResourceQuota(_Namespaced):
+    """core/v1 ResourceQuota. ``hard`` is ``spec.hard``: resource name -> quantity, an
+    int when the quantity is a whole number (``"10"``, ``"1k"``), else the quantity as
+    written (``"500m"``). ``raw`` keeps the manifest (for the quantities' formats)."""
+
+    metadata: ObjectMeta
+    hard: Dict[str, Union[int, str]] = field(default_factory=dict)
+    scopes: List[str] = field(default_factory=list)
+    scope_selector: Optional[Dict[str, Any]] = None
+    raw: Dict[str, Any] = field(default_factory=dict, repr=False)
+    kind = "ResourceQuota"
+
+    @property
+    def scoped(self) -> bool:
+        return bool(self.scopes or self.scope_selector)
+
+    def enforced(self) -> Dict[str, int]:
+        """The limits kproxy enforces: whole-number limits on QUOTA_ENFORCED_RESOURCES,
+        none at all for a quota with scopes (scopes are not emulated)."""
+        if self.scoped:
+            return {}
+        return {r: v for r, v in self.hard.items()
+                if r in QUOTA_ENFORCED_RESOURCES and isinstance(v, int) and not isinstance(v, bool)}
+
+    def warnings(self) -> List[str]:
+        """What this quota limits that kproxy does not enforce, one line each."""
+        if self.scoped:
+            return ["spec.scopes/spec.scopeSelector: quota scopes are not emulated by kproxy; "
+                    "this quota is kept but not enforced"]
+        return [f"spec.hard[{r}]: not enforced by kproxy (it enforces "
+                f"{', '.join(QUOTA_ENFORCED_RESOURCES)}); kept" for r in self.hard
+                if r not in QUOTA_ENFORCED_RESOURCES]
+
+
 # --------------------------------------------------------------------------- the rest
 
 
@@ -371,4 +413,5 @@ class NotEmulated:
         return self.metadata.namespace
 
 
-KubeObject = Union[Namespace, Pod, Deployment, Service, EndpointSlice, Endpoints, NotEmulated]
+KubeObject = Union[Namespace, Pod, Deployment, Service, EndpointSlice, Endpoints, ResourceQuota,
+                   NotEmulated]

@@ -419,6 +419,34 @@ def parse_endpoints(issues: Issues, doc: Dict[str, Any], default_namespace: str)
                        subsets=subsets, raw=doc)
 
 
+def parse_resource_quota(issues: Issues, doc: Dict[str, Any], default_namespace: str) -> o.ResourceQuota:
+    from kproxy.model.quantity import parse_quantity
+
+    spec = get_map(issues, doc, "spec", "") or {}
+    hard: Dict[str, Any] = {}
+    for key, value in (get_map(issues, spec, "hard", "spec") or {}).items():
+        if not isinstance(key, str):
+            _type_error(issues, "spec.hard", key, "string keys")
+            continue
+        path = f"spec.hard[{key}]"
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            _type_error(issues, path, value, "a quantity (a number or a string such as \"10\")")
+            continue
+        try:
+            q = parse_quantity(value)
+        except ValueError as exc:
+            issues.add(path, f"Invalid value: {_show(value)}: {exc}")
+            continue
+        hard[key] = int(q.value) if q.is_integer else str(value)
+    return o.ResourceQuota(
+        metadata=parse_meta(issues, doc, True, default_namespace),
+        hard=hard,
+        scopes=get_str_list(issues, spec, "scopes", "spec"),
+        scope_selector=get_map(issues, spec, "scopeSelector", "spec"),
+        raw=doc,
+    )
+
+
 def parse_namespace(issues: Issues, doc: Dict[str, Any], default_namespace: str) -> o.Namespace:
     return o.Namespace(metadata=parse_meta(issues, doc, False, default_namespace), raw=doc)
 
@@ -431,6 +459,7 @@ PARSERS = {
     "Service": (("v1",), parse_service),
     "EndpointSlice": (("discovery.k8s.io/v1",), parse_endpoint_slice),
     "Endpoints": (("v1",), parse_endpoints),
+    "ResourceQuota": (("v1",), parse_resource_quota),
 }
 
 # Kinds without a namespace (for NotEmulated objects, so they are not put in "default").

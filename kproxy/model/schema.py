@@ -94,6 +94,7 @@ KIND_SCHEMAS: Dict[str, Dict[str, Any]] = {
     "Service": dict(TOP, spec=SERVICE_SPEC, status=SERVICE_STATUS),
     "EndpointSlice": dict(TOP, addressType=ANY, endpoints=ListOf(ENDPOINT),
                           ports=ListOf(ENDPOINT_PORT)),
+    "ResourceQuota": dict(TOP, spec={"hard": ANY, "scopes": ANY, "scopeSelector": ANY}, status=ANY),
     "Endpoints": dict(TOP, subsets=ListOf({
         "addresses": ListOf(ENDPOINT_ADDRESS), "notReadyAddresses": ListOf(ENDPOINT_ADDRESS),
         "ports": ListOf(ENDPOINT_PORT)})),

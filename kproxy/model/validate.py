@@ -419,6 +419,43 @@ def validate_endpoints(eps: o.Endpoints) -> Problems:
     return problems
 
 
+# core/v1 quota resource names (a name without "/" must be one of them, or hugepages).
+STANDARD_QUOTA_RESOURCES = frozenset((
+    "cpu", "memory", "ephemeral-storage", "requests.cpu", "requests.memory", "requests.storage",
+    "requests.ephemeral-storage", "limits.cpu", "limits.memory", "limits.ephemeral-storage",
+    "pods", "resourcequotas", "services", "replicationcontrollers", "secrets",
+    "persistentvolumeclaims", "configmaps", "services.nodeports", "services.loadbalancers"))
+# Quota resources whose quantity must be a whole number (count/<resource> too).
+INTEGER_QUOTA_RESOURCES = frozenset((
+    "pods", "resourcequotas", "services", "replicationcontrollers", "secrets", "configmaps",
+    "persistentvolumeclaims", "services.nodeports", "services.loadbalancers"))
+
+
+def validate_resource_quota(rq: o.ResourceQuota) -> Problems:
+    from kproxy.model.quantity import format_quantity, parse_quantity
+
+    problems: Problems = []
+    _meta(problems, rq.metadata, dns1123_subdomain, True)
+    for name, value in rq.hard.items():
+        path = f"spec.hard[{name}]"
+        if "/" not in name and name not in STANDARD_QUOTA_RESOURCES and not name.startswith(
+                ("hugepages-", "requests.hugepages-")):
+            problems.append((path, f"Invalid value: {_q(name)}: must be a standard resource for quota"))
+            continue
+        q = parse_quantity(value)
+        if q.value < 0:
+            problems.append((path, f'Invalid value: "{format_quantity(q)}": must be greater than or '
+                                   "equal to 0"))
+        if (name in INTEGER_QUOTA_RESOURCES or name.startswith("count/")) and not q.is_integer:
+            problems.append((path, f'Invalid value: "{format_quantity(q)}": must be an integer'))
+    scopes = ("BestEffort", "CrossNamespacePodAffinity", "NotBestEffort", "NotTerminating",
+              "PriorityClass", "Terminating")
+    for i, scope in enumerate(rq.scopes):
+        if scope not in scopes:
+            problems.append((f"spec.scopes[{i}]", _unsupported(scope, scopes)))
+    return problems
+
+
 VALIDATORS = {
     "Namespace": validate_namespace,
     "Pod": validate_pod,
@@ -426,4 +463,5 @@ VALIDATORS = {
     "Service": validate_service,
     "EndpointSlice": validate_endpoint_slice,
     "Endpoints": validate_endpoints,
+    "ResourceQuota": validate_resource_quota,
 }
