@@ -46,12 +46,19 @@ def _code(*parts: str, length: int) -> str:
     return "".join(_ALPHABET[b % len(_ALPHABET)] for b in digest[:length])
 
 
+def pod_template_hash(dep: o.Deployment) -> str:
+    """The ``pod-template-hash`` label of a Deployment's current ReplicaSet: 10 characters
+    of the generated-name alphabet from the template as written (``spec.template``), so
+    it changes exactly when the template does."""
+    return _code(json.dumps(dep.raw.get("spec", {}).get("template", {}), sort_keys=True,
+                            default=str), length=10)
+
+
 def replica_pods(dep: o.Deployment) -> List[o.Pod]:
     """The Pods of a Deployment's current ReplicaSet: named
     ``<deployment>-<pod-template-hash>-<5 chars>`` and labelled with the template's
     labels plus ``pod-template-hash``, as the ReplicaSet controller names them."""
-    template_hash = _code(json.dumps(dep.raw.get("spec", {}).get("template", {}), sort_keys=True,
-                                     default=str), length=10)
+    template_hash = pod_template_hash(dep)
     pods = []
     for i in range(dep.replicas):
         labels = dict(dep.template.metadata.labels, **{"pod-template-hash": template_hash})
