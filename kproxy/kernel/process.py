@@ -88,3 +88,36 @@ def _reap(pid: int) -> None:
         os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:
         pass
+
+
+def exit_status(returncode: int) -> int:
+    """A Popen returncode as a container runtime reports it: a process ended by signal N
+    (returncode -N) exited with 128+N, as a shell shows it (SIGKILL: 137, SIGTERM: 143)."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def stop_child(proc: subprocess.Popen, started: int, grace: float = 2.0) -> Optional[int]:
+    """:func:`stop` for a child we still hold the Popen of: SIGTERM, SIGKILL after
+    ``grace`` seconds, but reaped through ``proc`` so its exit status is kept.
+
+    Signals only while the PID still has the recorded start time.  Returns the exit
+    status (:func:`exit_status`), or None if it cannot be known."""
+    if proc.poll() is None and alive(proc.pid, started):
+        try:
+            os.kill(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=max(grace, 0.0))
+        except subprocess.TimeoutExpired:
+            if alive(proc.pid, started):
+                try:
+                    os.kill(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                return None
+    rc = proc.poll()
+    return None if rc is None else exit_status(rc)
