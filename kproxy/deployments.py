@@ -218,10 +218,20 @@ class Decision:
     delete: List[str] = field(default_factory=list)
 
 
-def decide(dep: o.Deployment, pods: List[PodView], now: float) -> Decision:
+def decide(dep: o.Deployment, pods: List[PodView], now: float,
+           progress: Optional[Dict[str, Any]] = None) -> Decision:
     """The pods to create and delete this pass for ``dep``, given all of its pods
     (terminating and Failed ones included: they matter to Recreate and to Failed-pod
-    cleanup). Deterministic: the same inputs give the same decision."""
+    cleanup). Deterministic: the same inputs give the same decision.
+
+    ``progress``, when given, is the daemon's progress record for ``dep`` (a dict, ``{}``
+    the first time): it is brought up to date in place (``update_progress``) from the
+    same pods, so passing the same dict every pass is all the daemon has to do to keep
+    it; store it (JSON) and hand it to ``status``/``rollout_status``."""
+    if progress is not None:
+        updated = update_progress(dep, pods, now, progress or None)
+        progress.clear()
+        progress.update(updated)
     current = template_hash(dep)
     delete: List[str] = _failed_to_delete(pods, current)
     active = [p for p in pods if p.active]
@@ -399,7 +409,8 @@ def update_progress(dep: o.Deployment, pods: List[PodView], now: float,
 
     The daemon stores the returned dict per Deployment (it is JSON-serialisable) and
     passes it back the next pass, then to ``status``/``rollout_status``. Call it once per
-    pass with the pods as observed (the same list given to ``decide``). Fields:
+    pass with the pods as observed (the same list given to ``decide``), or let
+    ``decide(..., progress=record)`` do it in place. Fields:
 
     ``template_hash``: the template the record is about (a new template restarts the
     clock with reason NewReplicaSetCreated); ``reason``: NewReplicaSetCreated,
@@ -422,6 +433,10 @@ def update_progress(dep: o.Deployment, pods: List[PodView], now: float,
         base = previous if previous else counts
         rec = {"template_hash": st.template_hash, "reason": NEW_RS_CREATED, "last_update": now,
                **{k: base.get(k, 0) for k in counts}}
+    rec.setdefault("reason", NEW_RS_CREATED)
+    rec.setdefault("last_update", now)
+    for k, v in counts.items():
+        rec.setdefault(k, v)
     deadline = dep.progress_deadline_seconds
     finished = st.replicas == st.updated_replicas and rec["reason"] == NEW_RS_AVAILABLE
     if deadline != NO_PROGRESS_DEADLINE and not finished:

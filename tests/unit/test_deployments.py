@@ -597,6 +597,21 @@ def test_progress_record():
     assert not d.timed_out(v2, rec) and json.loads(json.dumps(rec2)) == rec2
 
 
+def test_decide_keeps_the_progress_record_in_place():
+    dep = make_dep(2, "web:1", deadline=30)
+    h = d.template_hash(dep)
+    record: dict = {}
+    pending = [view("a", h, ready=False), view("b", h, ready=False)]
+    d.decide(dep, pending, 100.0, progress=record)
+    assert record == d.update_progress(dep, pending, 100.0, None)
+    d.decide(dep, pending, 131.0, progress=record)
+    assert record["reason"] == d.TIMED_OUT
+    assert d.rollout_status(dep, pending, 131.0, progress=record) == (
+        'error: deployment "web" exceeded its progress deadline', False)
+    assert d.rollout_status(dep, pending, 131.0) == (
+        'Waiting for deployment "web" rollout to finish: 0 of 2 updated replicas are available...', False)
+
+
 def test_no_progress_deadline_with_maxint():
     dep = make_dep(1, deadline=2 ** 31 - 1)
     h = d.template_hash(dep)
