@@ -112,6 +112,7 @@ NOBODY = "65534"
 KILL_GRACE = 2.0              # seconds between SIGTERM and SIGKILL for a liveness kill
 EXIT_UNKNOWN = -1             # Processes.poll: it ended, with a status nobody can read
 UNKNOWN_EXIT_CODE = 137       # what the kubelet reports for ContainerStatusUnknown
+MESSAGE_MAX = 300             # a probe's message kept in the status (an exec probe's output)
 
 RUNNING, WAITING, TERMINATED = "running", "waiting", "terminated"
 
@@ -425,6 +426,7 @@ class Kubelet:
         st.update(terminating=True, reason="Terminating", ready=False, ready_since=None,
                   ready_count=f"0/{len(containers)}")
         for entry in containers:
+            _normalise(entry)
             entry["ready"] = False
         prun = self._pods.pop(pod.key, None)
         for entry in containers:
@@ -636,7 +638,7 @@ class Kubelet:
             key = (w.probe_type, pr.METRIC_RESULT[outcome.result])
             self.counters[key] = self.counters.get(key, 0) + 1
             w.record(outcome)
-            entry.setdefault("probes", {})[w.probe_type] = {"ok": w.result, "message": outcome.message}
+            entry.setdefault("probes", {})[w.probe_type] = {"ok": w.result, "message": outcome.message[:MESSAGE_MAX]}
         live = run.liveness
         if (live is not None and not live.result and run.killing is None and entry["state"] == RUNNING
                 and run.exit_pass != prun.passes):

@@ -228,9 +228,11 @@ def exec_probe(start: Callable[[List[str]], "tuple[subprocess.Popen, int]"], arg
         try:
             out, _ = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            process.stop_child(proc, started, grace=0.0)
-            proc.communicate()
-            return Outcome(FAILURE, f"command {argv!r} timed out after {timeout:g}s")
+            if proc.poll() is None:
+                process.stop_child(proc, started, grace=0.0)
+                _drain(proc)
+                return Outcome(FAILURE, f"command {argv!r} timed out after {timeout:g}s")
+            out = _drain(proc)          # it exited; something it started still holds the pipe
     finally:
         if finished is not None:
             finished(proc, started)
@@ -238,6 +240,18 @@ def exec_probe(start: Callable[[List[str]], "tuple[subprocess.Popen, int]"], arg
     if proc.returncode == 0:
         return Outcome(SUCCESS, text)
     return Outcome(FAILURE, f"command {argv!r} exited with {process.exit_status(proc.returncode)}: {text}")
+
+
+def _drain(proc: subprocess.Popen) -> bytes:
+    """What is left of a probe's output, without waiting on a child it left behind."""
+    try:
+        out, _ = proc.communicate(timeout=1.0)
+        return out or b""
+    except subprocess.TimeoutExpired:
+        if proc.stdout is not None:
+            proc.stdout.close()
+        proc.wait()
+        return b""
 
 
 def exec_argv(command: Sequence[Any], image: str) -> Optional[List[str]]:

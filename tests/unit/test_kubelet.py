@@ -680,3 +680,13 @@ def test_wait_ready_returns_for_ready_and_hopeless_pods(env):
     broken = started(k, manifest(FAIL), pod_object("q"))
     k.wait_ready([ready, broken], timeout=60)        # returns at once: one Ready, one hopeless
     assert ready.status["ready"] and not broken.status["ready"]
+
+
+def test_stop_ends_processes_recorded_by_the_converge_once_code(env):
+    k, clock, procs, prober, make = env
+    pod = pod_object()
+    pod.status = {"managed": True, "containers": [
+        {"name": "main", "kind": "exec", "reason": "", "listeners": 0, "pid": 55, "started": 550, "log": "x"}]}
+    k.stop(pod)
+    assert procs.stopped == [(55, 2.0)] and procs.released == [55]
+    assert entry_of(pod)["state"] == "terminated"

@@ -260,3 +260,17 @@ def test_exec_still_running_at_the_timeout_is_killed():
     assert out.result == pr.FAILURE and "timed out" in out.message
     pid = log[0][1]
     assert log[-1] == ("end", pid) and process.start_time(pid) is None      # ended and reaped
+
+
+def test_exec_that_exits_but_leaves_a_child_on_the_pipe_does_not_hang(tmp_path):
+    log, pidfile = [], tmp_path / "child.pid"
+    out = pr.run_probe(pr.ProbeSpec.parse({"exec": {"command": ["sh", "-c", f"sleep 30 & echo $! > {pidfile}; exit 0"]},
+                                           "timeoutSeconds": 1}),
+                       target(image="debian"), start_exec=_local_start(log),
+                       exec_finished=lambda p, s: log.append(("end", p.pid)))
+    child = int(pidfile.read_text())
+    started = process.start_time(child)
+    if started is not None:
+        process.stop(child, started, grace=1.0)        # the child this test made, by PID + start time
+    assert out.ok, out
+    assert log[-1][0] == "end"
