@@ -72,7 +72,8 @@ stands in for it).
 Persisted state, and a restarted daemon
 ---------------------------------------
 Everything the next process needs is in ``pod.status`` (JSON, saved with the cluster):
-``managed``, ``spec`` (the pod's manifest), ``phase``, ``reason``, ``ready``,
+``managed``, ``uid`` (one per pod made: a pod deleted elsewhere and made again under the
+same name is a new pod), ``spec`` (the pod's manifest), ``phase``, ``reason``, ``ready``,
 ``ready_count``, ``restarts``, ``ready_since`` and ``containers``, one dict each::
 
     name, kind, listeners, pid, started (the PID's start time), log,
@@ -99,6 +100,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -323,6 +325,7 @@ class _Run:
 class _PodRun:
     spec: o.Pod
     runs: Dict[str, _Run]
+    uid: str = ""                 # the pod's status["uid"]: a pod re-made under the same name differs
     passes: int = 0
 
 
@@ -360,10 +363,9 @@ class Kubelet:
     def start(self, pod, spec: o.Pod) -> None:
         """Record the pod's spec and start its containers.  A pod whose status already
         names containers (started by another process) is adopted instead."""
-        if pod.key in self._pods:
-            return
         if pod.status.get("containers"):
-            self._adopt(pod, spec)
+            if self._current(pod) is None:
+                self._adopt(pod, spec)
             return
         containers = []
         for c in spec.spec.containers:
@@ -376,10 +378,11 @@ class Kubelet:
             if plan[0] == "fail":
                 entry.update(reason="RunContainerError", message=plan[2])
             containers.append(entry)
-        pod.status.update(managed=True, spec=pod.status.get("spec") or pod_manifest(spec), phase="Pending",
+        pod.status.update(managed=True, uid=uuid.uuid4().hex, spec=pod.status.get("spec") or pod_manifest(spec),
+                          phase="Pending",
                           reason="ContainerCreating", ready=False, ready_count=f"0/{len(containers)}",
                           restarts=0, ready_since=None, containers=containers)
-        prun = _PodRun(spec=spec, runs={c["name"]: _Run() for c in containers})
+        prun = _PodRun(spec=spec, runs={c["name"]: _Run() for c in containers}, uid=pod.status["uid"])
         self._pods[pod.key] = prun
         for entry in containers:
             if entry["kind"] != "fail":
@@ -394,7 +397,7 @@ class Kubelet:
         the STATUS reason or the restart count changed."""
         if not pod.status.get("managed") or pod.status.get("deleting_at") or pod.status.get("terminating"):
             return False
-        prun = self._pods.get(pod.key) or self._adopt(pod)
+        prun = self._current(pod) or self._adopt(pod)
         if prun is None:
             return False
         before = self._fingerprint(pod)
@@ -428,7 +431,8 @@ class Kubelet:
         for entry in containers:
             _normalise(entry)
             entry["ready"] = False
-        prun = self._pods.pop(pod.key, None)
+        prun = self._current(pod)
+        self._pods.pop(pod.key, None)
         for entry in containers:
             if not entry.get("pid") or entry.get("state") != RUNNING:
                 continue
@@ -456,8 +460,8 @@ class Kubelet:
             time.sleep(0.02)
 
     def hopeless(self, pod) -> bool:
-        """Whether the pod cannot become Ready before something waits a back-off or a
-        restart that will not come."""
+        """Whether waiting for the pod to become Ready is pointless for now: it ended or is
+        ending, a container cannot run, waits out a CrashLoopBackOff, or exited for good."""
         st = pod.status
         if st.get("phase") in ("Succeeded", "Failed") or st.get("terminating") or st.get("deleting_at"):
             return True
@@ -693,6 +697,11 @@ class Kubelet:
         return None if w is None else self.clock() - (self.wall() - w)
 
     # ---- adoption ----------------------------------------------------------------------------
+    def _current(self, pod) -> Optional[_PodRun]:
+        """This Kubelet's record of the pod, if it is about this very pod (same uid)."""
+        prun = self._pods.get(pod.key)
+        return prun if prun is not None and prun.uid == pod.status.get("uid") else None
+
     def _adopt(self, pod, spec: Optional[o.Pod] = None) -> Optional[_PodRun]:
         """Take over a pod another process (or an earlier Kubelet) started: keep each
         container whose recorded PID still has its start time; never start duplicates."""
@@ -707,7 +716,7 @@ class Kubelet:
                 spec = o.Pod(metadata=o.ObjectMeta(name=pod.name, namespace=pod.namespace),
                              spec=o.PodSpec(containers=[], restart_policy="Never"))
         now = self.clock()
-        prun = _PodRun(spec=spec, runs={})
+        prun = _PodRun(spec=spec, runs={}, uid=st.setdefault("uid", uuid.uuid4().hex))
         for entry in st["containers"]:
             _normalise(entry)
             c = self._container(prun, entry["name"])

@@ -690,3 +690,17 @@ def test_stop_ends_processes_recorded_by_the_converge_once_code(env):
     k.stop(pod)
     assert procs.stopped == [(55, 2.0)] and procs.released == [55]
     assert entry_of(pod)["state"] == "terminated"
+
+
+def test_a_pod_made_again_under_the_same_name_is_a_new_pod(env):
+    """Deleted by another process (this Kubelet never stopped it) and made again."""
+    k, clock, procs, prober, make = env
+    first = started(k, manifest(SLEEP))
+    old = current_pid(first)
+    procs.exit(old, 0)                       # ended with its pod elsewhere
+    again = started(k, manifest(SLEEP))      # same key, fresh status
+    assert len(procs.starts) == 2 and again.status["uid"] != first.status["uid"]
+    k.sync(again)
+    k.sync(again)
+    assert entry_of(again)["state"] == "running" and current_pid(again) != old
+    assert again.status["restarts"] == 0
