@@ -77,7 +77,9 @@ class Cluster:
         self.pods = pods
         self.dir = state.cluster_dir(config.name)
         self.journal = state.Journal(self.dir)
-        self.proxy_state: dict = {}      # the proxier's memory between syncs (see kproxy.reconcile)
+        self.proxy_state: dict = {}      # the proxier's memory between syncs (see kproxy.reconciler)
+        self.reconciler = False          # True in the process running the controllers (see save)
+        self._touched: set = set()
 
     # ---- names ------------------------------------------------------------------------
     @property
@@ -107,12 +109,38 @@ class Cluster:
 
     # ---- persistence ------------------------------------------------------------------
     def save(self) -> None:
-        state.write_json_atomic(os.path.join(self.dir, "state.json"), {
-            "config": self.config.to_dict(),
-            "nodes": [asdict(n) for n in self.nodes],
-            "pods": {k: asdict(p) for k, p in sorted(self.pods.items())},
-            "proxy": self.proxy_state,
-        })
+        """Write the cluster's records, merged with what other processes wrote since
+        this one read them: a daemon and a CLI command may both hold a Cluster.
+
+        Under the cluster lock, the file's pods are taken as they are, except the pods
+        this process added, changed or removed (``touch``), and, in the process that
+        runs the controllers (``reconciler``), every managed pod, the proxier's memory
+        and the configuration."""
+        path = os.path.join(self.dir, "state.json")
+        with state.locked(self.dir):
+            disk = state.read_json(path) or {}
+            pods = {k: Pod(**p) for k, p in disk.get("pods", {}).items()}
+            if self.reconciler or not disk:
+                pods = {k: p for k, p in pods.items() if not p.status.get("managed")}
+                pods.update({k: p for k, p in self.pods.items() if p.status.get("managed")})
+            for key in self._touched:
+                if key in self.pods:
+                    pods[key] = self.pods[key]
+                else:
+                    pods.pop(key, None)
+            self._touched.clear()
+            self.pods = pods
+            mine = self.reconciler or not disk
+            state.write_json_atomic(path, {
+                "config": self.config.to_dict() if mine else disk["config"],
+                "nodes": [asdict(n) for n in self.nodes],
+                "pods": {k: asdict(p) for k, p in sorted(pods.items())},
+                "proxy": self.proxy_state if mine else disk.get("proxy", {}),
+            })
+
+    def touch(self, key: str) -> None:
+        """This process changed pod ``key`` (or removed it): its record wins at save."""
+        self._touched.add(key)
 
     @classmethod
     def open(cls, name: str) -> "Cluster":
@@ -272,17 +300,18 @@ class Cluster:
         return self.add_pods([(name, namespace, node, labels)])[0]
 
     def add_pods(self, specs: Iterable[tuple]) -> list[Pod]:
-        """Create pods: each spec is (name, namespace, node or None, labels or None).
+        """Create pods: each spec is (name, namespace, node or None, labels or None,
+        initial status or None); the status is saved with the pod's first record.
 
         All names are checked before anything is made; a failure part-way removes the
         pod being made and leaves the pods made before it in place (and recorded)."""
-        specs = [tuple(s) + (None,) * (4 - len(s)) for s in specs]
+        specs = [tuple(s) + (None,) * (5 - len(s)) for s in specs]
         counts: dict[str, int] = {}
         for p in self.pods.values():
             counts[p.node] = counts.get(p.node, 0) + 1
         plan = []
         seen = set()
-        for name, namespace, node_name, labels in specs:
+        for name, namespace, node_name, labels, status in specs:
             try:
                 naming.check_dns_subdomain(name, "pod name")
                 naming.check_dns_label(namespace, "namespace")
@@ -297,19 +326,23 @@ class Cluster:
             seen.add(key)
             node = self.node(node_name) if node_name else self._pick_node(counts)
             counts[node.name] = counts.get(node.name, 0) + 1
-            plan.append((name, namespace, node, dict(labels or {}), ns_name))
+            plan.append((name, namespace, node, dict(labels or {}), ns_name, dict(status or {})))
 
         made = []
         with state.locked(self.dir):
             try:
-                for name, namespace, node, labels, ns_name in plan:
-                    made.append(self._attach(name, namespace, node, labels, ns_name))
+                for name, namespace, node, labels, ns_name, status in plan:
+                    made.append(self._attach(name, namespace, node, labels, ns_name, status))
             finally:
                 self.save()
         return made
 
-    def _attach(self, name: str, namespace: str, node: Node, labels: dict, ns_name: str) -> Pod:
+    def _attach(self, name: str, namespace: str, node: Node, labels: dict, ns_name: str,
+                status: Optional[dict] = None) -> Pod:
         container_id = naming.short_hash(self.name, namespace, name, length=32)
+        # what a restarted daemon needs to undo a pod it was making when it died
+        self.journal.record("pod", key=f"{namespace}/{name}", netns=ns_name, node=node.name,
+                            container_id=container_id)
         self._new_netns(ns_name)
         try:
             result = cni_invoke.call("ADD", self.cni_config(node), container_id=container_id,
@@ -320,8 +353,9 @@ class Cluster:
         ip = result["ips"][0]["address"].split("/")[0]
         self._install_resolv_conf(ns_name, namespace)
         pod = Pod(name=name, namespace=namespace, node=node.name, netns=ns_name, ip=ip,
-                  container_id=container_id, labels=labels)
+                  container_id=container_id, labels=labels, status=dict(status or {}))
         self.pods[pod.key] = pod
+        self.touch(pod.key)
         return pod
 
     def _release_netns(self, ns_name: str) -> None:
@@ -349,6 +383,7 @@ class Cluster:
                             netns=netns.path_of(pod.netns), ifname="eth0", host_netns=node.netns)
             self._release_netns(pod.netns)
             del self.pods[pod.key]
+            self.touch(pod.key)
             self.save()
 
     # ---- processes --------------------------------------------------------------------

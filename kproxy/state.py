@@ -127,14 +127,29 @@ class Journal:
         return list(live)
 
 
+_held: dict = {}      # directory -> [fd, depth]: the lock is re-entrant within a process
+
+
 @contextmanager
 def locked(directory: str) -> Iterator[None]:
-    """Hold the cluster's lock (one changing command at a time)."""
+    """Hold the cluster's lock (one process changing the cluster's records at a time).
+    Re-entrant: a holder may take it again (flock on a second descriptor would wait
+    for itself)."""
+    key = os.path.abspath(directory)
+    if key in _held:
+        _held[key][1] += 1
+        try:
+            yield
+        finally:
+            _held[key][1] -= 1
+        return
     os.makedirs(directory, exist_ok=True)
     fd = os.open(os.path.join(directory, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
+        _held[key] = [fd, 1]
         yield
     finally:
+        _held.pop(key, None)
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
