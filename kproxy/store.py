@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import sqlite3
+import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
@@ -66,6 +67,61 @@ class Store:
     def close(self) -> None:
         self.db.close()
 
+    # ---- revisions ---------------------------------------------------------------------
+    def _bump(self) -> None:
+        """Inside a write transaction: one more revision of the desired state, stamped
+        with the time (the start of network programming latency)."""
+        rev, _ = self.revision()
+        self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('revision', ?)",
+                        (json.dumps([rev + 1, time.time()]),))
+
+    def revision(self) -> Tuple[int, Optional[float]]:
+        """(revision, wall time of the change that made it): grows by one per apply,
+        delete or scale that changed something."""
+        row = self.db.execute("SELECT value FROM meta WHERE key='revision'").fetchone()
+        if not row:
+            return 0, None
+        rev, when = json.loads(row[0])
+        return int(rev), float(when)
+
+    def data_version(self) -> Tuple[int, int]:
+        """Changes whenever any connection commits a change (cheap to poll)."""
+        return (self.db.execute("PRAGMA data_version").fetchone()[0], self.revision()[0])
+
+    def get_meta(self, key: str, default=None):
+        row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return json.loads(row[0]) if row else default
+
+    def set_meta(self, key: str, value) -> None:
+        self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, json.dumps(value)))
+
+    def request_pod_deletions(self, keys: List[str]) -> None:
+        """Ask the reconciler to delete these pods ("ns/name") that a controller owns
+        (`kproxy delete pod` of a Deployment's replica): they are not store objects."""
+        self._begin()
+        try:
+            pending = self.get_meta("delete_pods", [])
+            self.set_meta("delete_pods", sorted(set(pending) | set(keys)))
+            self._bump()
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+
+    def take_pod_deletions(self) -> List[str]:
+        """The pod deletions asked for, removed from the store as they are handed over."""
+        if not self.get_meta("delete_pods"):
+            return []
+        self._begin()
+        try:
+            pending = self.get_meta("delete_pods", [])
+            self.db.execute("DELETE FROM meta WHERE key='delete_pods'")
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        return pending
+
     # ---- allocators --------------------------------------------------------------------
     def _allocators(self) -> Allocators:
         row = self.db.execute("SELECT value FROM meta WHERE key='allocators'").fetchone()
@@ -120,8 +176,9 @@ class Store:
                 continue
             latest[(lo.kind, lo.namespace or "", lo.name)] = lo
         db = self.db
-        db.execute("BEGIN IMMEDIATE")
+        self._begin()
         try:
+            self._check_quota([lo for lo in latest.values()])
             alloc = self._allocators()
             namespaces = set(BUILTIN_NAMESPACES) | {
                 r[0] for r in db.execute("SELECT name FROM objects WHERE kind='Namespace'")}
@@ -138,7 +195,11 @@ class Store:
                 allocated = {}
                 if isinstance(obj, o.Service):
                     allocated = self._allocate(obj, alloc, json.loads(row[1]) if row else {}, where)
-                manifest = json.dumps(lo.obj.raw, sort_keys=True)
+                raw = lo.obj.raw
+                if ns and raw.get("metadata", {}).get("namespace") != ns:
+                    # applied with -n (or the default namespace): the stored manifest says where it lives
+                    raw = dict(raw, metadata=dict(raw.get("metadata", {}), namespace=ns))
+                manifest = json.dumps(raw, sort_keys=True)
                 alloc_text = json.dumps(allocated, sort_keys=True)
                 ref = _ref(kind, ns, name)
                 if row is None:
@@ -153,27 +214,52 @@ class Store:
                 else:
                     result.unchanged.append(ref)
             db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('allocators', ?)", (alloc.to_json(),))
+            if result.created or result.configured:
+                self._bump()
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
         return result
 
+    def _begin(self) -> None:
+        """Start a write transaction; another writer holding the store longer than the
+        timeout is a clear conflict, not a half-written store."""
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as e:
+            raise ApplyError(f"the store {self.path} is busy ({e}): another apply or delete is "
+                             "writing it; nothing was changed, try again") from None
+
+    def _check_quota(self, incoming: List[LoadedObject]) -> None:
+        """ResourceQuota admission, inside the write transaction (two applies cannot
+        both take the last unit of a quota)."""
+        if not incoming:
+            return
+        from kproxy import quota
+        stored = self.objects()
+        if not stored.get("ResourceQuota") and not any(lo.kind == "ResourceQuota" for lo in incoming):
+            return
+        sources = {id(lo.obj): lo.source for lo in incoming}
+        quota.check_apply(stored, [lo.obj for lo in incoming], source_of=lambda obj: sources.get(id(obj), "-"))
+
     def delete(self, loaded: List[LoadedObject]) -> List[str]:
         """Delete the objects these manifests name (kubectl delete -f); a Namespace takes its objects."""
+        return self.delete_keys([(lo.kind, lo.namespace or "", lo.name) for lo in loaded if lo.emulated])
+
+    def delete_keys(self, keys: List[Key]) -> List[str]:
+        """Delete objects by (kind, namespace, name); a Namespace takes its objects.
+        Returns kubectl's lines ('service "x" deleted')."""
         gone = []
         db = self.db
-        db.execute("BEGIN IMMEDIATE")
+        self._begin()
         try:
             alloc = self._allocators()
-            for lo in loaded:
-                if not lo.emulated:
-                    continue
-                key = (lo.kind, lo.namespace or "", lo.name)
+            for key in keys:
                 victims = [key]
-                if lo.kind == "Namespace":
+                if key[0] == "Namespace":
                     victims += [tuple(r) for r in db.execute(
-                        "SELECT kind, namespace, name FROM objects WHERE namespace=?", (lo.name,))]
+                        "SELECT kind, namespace, name FROM objects WHERE namespace=?", (key[2],))]
                 for kind, ns, name in victims:
                     cur = db.execute("DELETE FROM objects WHERE kind=? AND namespace=? AND name=?", (kind, ns, name))
                     if cur.rowcount:
@@ -181,11 +267,49 @@ class Store:
                         if kind == "Service":
                             alloc.release(f"{ns}/{name}")
             db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('allocators', ?)", (alloc.to_json(),))
+            if gone:
+                self._bump()
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
         return gone
+
+    def delete_names(self, kind: str, namespace: str, names: List[str]) -> List[str]:
+        """`kproxy delete KIND NAME...` (a Namespace takes its objects); every name must exist."""
+        ns = "" if kind == "Namespace" else namespace
+        for n in names:
+            if not self.db.execute("SELECT 1 FROM objects WHERE kind=? AND namespace=? AND name=?",
+                                   (kind, ns, n)).fetchone():
+                where = "" if kind == "Namespace" else f" in namespace {namespace!r}"
+                raise ApplyError(f'{kind.lower()}s "{n}" not found{where}')
+        return self.delete_keys([(kind, ns, n) for n in names])
+
+    def scale(self, kind: str, namespace: str, name: str, replicas: int) -> bool:
+        """Set a Deployment's spec.replicas (kubectl scale); False if it already had it."""
+        if replicas < 0:
+            raise ApplyError(f"--replicas must be 0 or more, not {replicas}")
+        self._begin()
+        try:
+            row = self.db.execute("SELECT manifest FROM objects WHERE kind=? AND namespace=? AND name=?",
+                                  (kind, namespace, name)).fetchone()
+            if row is None:
+                raise ApplyError(f'{kind.lower()}s.apps "{name}" not found in namespace {namespace!r}')
+            manifest = json.loads(row[0])
+            if manifest.get("spec", {}).get("replicas", 1) == replicas:
+                self.db.execute("COMMIT")
+                return False
+            manifest.setdefault("spec", {})["replicas"] = replicas
+            self.db.execute("UPDATE objects SET manifest=?, generation=generation+1 "
+                            "WHERE kind=? AND namespace=? AND name=?",
+                            (json.dumps(manifest, sort_keys=True), kind, namespace, name))
+            self._bump()
+            self.db.execute("COMMIT")
+        except BaseException:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            raise
+        return True
 
     # ---- reading -------------------------------------------------------------------------
     def objects(self) -> Dict[str, list]:
