@@ -92,7 +92,7 @@ def latency_figures(count: int) -> list:
     from kproxy.cluster import Cluster
     from kproxy.config import ClusterConfig
     from kproxy.model import loads
-    from kproxy.reconcile import converge, open_store
+    from kproxy.reconciler import converge, open_store
 
     os.environ.setdefault("KPROXY_STATE_DIR", tempfile.mkdtemp(prefix="kproxy-bench-"))
     name = f"b{secrets.token_hex(3)}"

@@ -47,7 +47,7 @@ def main() -> None:
     from kproxy.cluster import Cluster
     from kproxy.config import ClusterConfig, nodes_from_count
     from kproxy.model import loads
-    from kproxy.reconcile import converge, current_view, open_store
+    from kproxy.reconciler import converge, current_view, open_store
     from kproxy.trace import live, story
 
     name = f"b{secrets.token_hex(3)}"

@@ -44,7 +44,7 @@ def trap(echo: Callable[[str], None] = print, example: str = EXAMPLE) -> int:
     from kproxy.cluster import Cluster, require_root
     from kproxy.config import ClusterConfig
     from kproxy.model import load
-    from kproxy.reconcile import converge, current_view, open_store
+    from kproxy.reconciler import converge, current_view, open_store
     from kproxy.trace import live, story
 
     require_root()

@@ -1,7 +1,7 @@
 """The cluster's DNS records as CoreDNS's ``kubernetes`` plugin answers them.
 
 ``records_for(services, endpoint_slices, pods)`` is a pure function from kproxy's model
-objects (what ``kproxy.reconcile.current_view`` or ``kproxy.render.resolve_manifests``
+objects (what ``kproxy.reconciler.current_view`` or ``kproxy.render.resolve_manifests``
 give) to a :class:`Zone`; ``Zone.lookup(qname, qtype)`` answers one question the way
 CoreDNS would with the Corefile kubeadm, kind and minikube install::
 

@@ -38,7 +38,7 @@ def resolve(lab, pod, name, tries=10):
 def test_short_names_resolve_from_pods(lab):
     lab.apply(path=SEED / "Sesion4-Kubernetes" / "Ejercicios" / "Ejercicio1")
     lab.apply(path=SEED / "Sesion4-Kubernetes" / "Stateful-app")
-    from kproxy.reconcile import current_view
+    from kproxy.reconciler import current_view
     services, _ = current_view(lab.c, lab.store)
     dns = next(s for s in services if (s.namespace, s.name) == ("kube-system", "kube-dns"))
     assert dns.cluster_ip == "10.96.0.10"

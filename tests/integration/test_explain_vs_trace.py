@@ -14,7 +14,7 @@ import random
 import pytest
 
 from kproxy.explain import explain
-from kproxy.reconcile import current_view
+from kproxy.reconciler import current_view
 from kproxy.trace import live, story
 from tests.integration.test_services import BACKENDS, Lab, deployment, service
 

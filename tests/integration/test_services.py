@@ -10,7 +10,7 @@ import time
 import pytest
 
 from kproxy.model import load
-from kproxy.reconcile import converge, open_store
+from kproxy.reconciler import converge, open_store
 from tests.conftest import SEED, kproxy_cli
 
 pytestmark = pytest.mark.root

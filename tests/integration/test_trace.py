@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from kproxy.reconcile import current_view
+from kproxy.reconciler import current_view
 from kproxy.trace import live, story
 from tests.report_schema import validate
 from tests.integration.test_services import BACKENDS, Lab, deployment, service

@@ -1,0 +1,563 @@
+"""The controllers of one emulated cluster, as passes over the store and the running pods.
+
+One pass does, in order, what each Kubernetes component would do with what it sees:
+
+    store (desired objects)                    running pods (cluster state, kubelet status)
+      -> workload controllers: bare Pods, and each Deployment's ReplicaSets
+         (kproxy.deployments decides how many to create and which to delete)
+      -> kubelet-lite: create pod sandboxes (CNI), start, supervise and probe
+         containers; stop the containers of deleted pods
+      -> endpoints: Service selector x pods -> EndpointSlices (Ready, serving,
+         terminating conditions)
+      -> DNS: the zone the cluster DNS pod serves
+      -> proxier, one per node: kube-proxy's rules, synced at most once per
+         min-sync-period (changes in between are batched into one sync)
+      -> the outside world: a route per LoadBalancer IP towards a node
+
+Nothing in a pass waits: pods become Ready over later passes.  ``converge_once`` runs
+passes until the cluster has settled (what the CLI does when no daemon runs);
+kproxy.daemon runs them forever.
+
+A deleted pod is taken out of traffic before its processes end, as a well-behaved
+Kubernetes pod with a preStop hook would be: it is marked terminating (its endpoints
+turn not-ready, so kube-proxy stops sending new connections), every node's rules are
+synced, and only after a short drain are its processes sent SIGTERM and its sandbox
+removed.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+from kproxy import deployments, quota
+from kproxy.cluster import Cluster, Pod
+from kproxy.dns import records as dns_records
+from kproxy.errors import KproxyError
+from kproxy.kernel import iptables, links
+from kproxy.kubelet import DNS_POD, SYSTEM_ANNOTATION, Kubelet, zone_path
+from kproxy.model import endpoint_slices_for
+from kproxy.model import objects as o
+from kproxy.model.loader import loads
+from kproxy.proxier import fingerprints, proxier_for
+from kproxy.store import Store
+
+log = logging.getLogger("kproxy.reconciler")
+
+# How long a converge waits for new pods to become Ready (a slow VM needs more).
+READY_TIMEOUT = float(os.environ.get("KPROXY_READY_TIMEOUT", "10"))
+# kube-proxy's --min-sync-period default.
+DEFAULT_MIN_SYNC_PERIOD = 1.0
+# Time between a deleted pod's last rules leaving every node and its SIGTERM.
+DRAIN_SECONDS = 0.3
+OWNER_ANNOTATION = "kproxy.io/owner"
+
+
+def open_store(cluster: Cluster) -> Store:
+    cfg = cluster.config
+    return Store(os.path.join(cluster.dir, "store.db"), cfg.service_cidr, cfg.node_port_range, cfg.lb_pool)
+
+
+# ---- the objects a cluster brings of its own -----------------------------------------------
+
+def with_system_objects(cluster: Cluster, objs: Dict[str, list]) -> Dict[str, list]:
+    """The store's objects plus the cluster DNS: a pod in kube-system behind the
+    kube-dns Service at the service CIDR's .10."""
+    out = {k: list(v) for k, v in objs.items()}
+    if not any(s.namespace == "kube-system" and s.name == "kube-dns" for s in out.get("Service", [])):
+        out.setdefault("Service", []).append(dns_records.kube_dns_service(cluster.config.dns_ip()))
+    manifest = {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": DNS_POD, "namespace": "kube-system", "labels": {"k8s-app": "kube-dns"},
+                     "annotations": {SYSTEM_ANNOTATION: "dns"}},
+        "spec": {"containers": [{"name": "coredns", "image": "kproxy/dns", "ports": [
+            {"containerPort": 53, "protocol": "UDP", "name": "dns"},
+            {"containerPort": 53, "protocol": "TCP", "name": "dns-tcp"}]}]},
+    }
+    out.setdefault("Pod", []).append(parse_pod(manifest))
+    return out
+
+
+def parse_pod(manifest: dict) -> o.Pod:
+    """A Pod object from its manifest (as kept in a pod's status)."""
+    return loads(json.dumps(manifest), source="pod", strict=False, validate=False)[0].obj
+
+
+def pod_manifest(pod: o.Pod, spec_raw: Optional[dict] = None) -> dict:
+    """The manifest of a pod to be created: what its status keeps, so that the kubelet
+    can restart it and the endpoints controller read it even after its Deployment's
+    template has moved on."""
+    meta = {"name": pod.name, "namespace": pod.namespace, "labels": dict(pod.metadata.labels)}
+    if pod.metadata.annotations:
+        meta["annotations"] = dict(pod.metadata.annotations)
+    spec = copy.deepcopy(spec_raw if spec_raw is not None else pod.raw.get("spec", {}))
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": spec}
+
+
+def write_zone(cluster: Cluster, services, slices, pods) -> str:
+    zone = dns_records.records_for(services, slices, pods, dns_ip=cluster.config.dns_ip(),
+                                   namespaces=sorted({p.namespace for p in pods} | {"default", "kube-system"}))
+    text = zone.to_json()
+    path = zone_path(cluster)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+    return text
+
+
+# ---- the outside world ---------------------------------------------------------------------
+
+def announce_load_balancers(cluster: Cluster, services, slices, force: bool = False) -> None:
+    """Give the outside client a route to each LoadBalancer IP via a node that can serve
+    it (with externalTrafficPolicy Local: a node with a local endpoint), as a cloud load
+    balancer or MetalLB would; remove routes for IPs no longer in use.  ``force``
+    rewrites every route (the periodic check repairs routes removed by hand)."""
+    local_nodes: Dict[str, List[str]] = {}
+    for s in slices:
+        key = f"{s.namespace}/{s.service_name}"
+        for ep in s.endpoints:
+            if ep.conditions.ready is not False and ep.node_name:
+                local_nodes.setdefault(key, []).append(ep.node_name)
+    wanted: Dict[str, str] = {}
+    for svc in services:
+        for ing in svc.load_balancer_ingress:
+            if not ing.ip:
+                continue
+            node = cluster.nodes[0]
+            if svc.external_traffic_policy == "Local":
+                names = local_nodes.get(svc.namespaced_name, [])
+                node = next((n for n in cluster.nodes if n.name in names), node)
+            wanted[ing.ip] = node.ip
+    current: Dict[str, str] = cluster.proxy_state.get("lb_routes", {})
+    if wanted == current and not force:
+        return
+    with links.socket_in(cluster.external_ns) as ipr:
+        for ip, via in current.items():
+            if wanted.get(ip) != via:
+                try:
+                    ipr.route("del", dst=f"{ip}/32")
+                except Exception:
+                    pass
+        for ip, via in wanted.items():
+            if force or current.get(ip) != via:
+                ipr.route("replace", dst=f"{ip}/32", gateway=via)
+    cluster.proxy_state["lb_routes"] = wanted
+
+
+def _udp_endpoints(services, slices) -> Dict[str, List[str]]:
+    """For each UDP Service IP:port, the endpoint IPs traffic may go to."""
+    by_svc: Dict[str, List[o.EndpointSlice]] = {}
+    for s in slices:
+        by_svc.setdefault(f"{s.namespace}/{s.service_name}", []).append(s)
+    out: Dict[str, List[str]] = {}
+    for svc in services:
+        if svc.headless or not svc.cluster_ip:
+            continue
+        for port in svc.ports:
+            if port.protocol != "UDP":
+                continue
+            ips = sorted({ep.addresses[0] for s in by_svc.get(svc.namespaced_name, []) for ep in s.endpoints
+                          if ep.addresses and ep.conditions.ready is not False})
+            out[f"{svc.cluster_ip}:{port.port}"] = ips
+    return out
+
+
+# ---- a pass --------------------------------------------------------------------------------
+
+@dataclass
+class PassReport:
+    created: List[str] = field(default_factory=list)
+    deleted: List[str] = field(default_factory=list)
+    syncs: Dict[str, str] = field(default_factory=dict)     # node -> "full", "partial" or "none"
+    settled: bool = False
+    revision: int = 0                  # the store revision this pass worked from
+    quota_refused: List[str] = field(default_factory=list)
+
+
+@dataclass
+class ConvergeReport:
+    pods_created: List[str] = field(default_factory=list)
+    pods_deleted: List[str] = field(default_factory=list)
+    not_ready: List[str] = field(default_factory=list)
+    syncs: Dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+    settled: bool = True
+
+
+class Reconciler:
+    """Every controller of one cluster, run pass by pass (see the module docstring).
+
+    ``on_sync(node, kind, seconds, pending_since)`` is called after each node's
+    proxier sync (the daemon's metrics hook)."""
+
+    def __init__(self, cluster: Cluster, store: Store, *, kubelet: Optional[Kubelet] = None,
+                 min_sync_period: float = 0.0, drain: float = DRAIN_SECONDS,
+                 on_sync: Optional[Callable[[str, str, float, Optional[float]], None]] = None):
+        self.cluster = cluster
+        cluster.reconciler = True          # its records of managed pods win (Cluster.save)
+        self.store = store
+        self.kubelet = kubelet or Kubelet(cluster)
+        self.min_sync_period = min_sync_period
+        self.drain = drain
+        self.on_sync = on_sync
+        self.objs: Dict[str, list] = {}
+        self._data_version: Optional[Tuple[int, int]] = None
+        self.revision = 0
+        self.revision_time: Optional[float] = None      # wall time of the newest store change seen
+        self._specs: Dict[str, Tuple[str, o.Pod]] = {}    # pod key -> (manifest json, parsed)
+        self.dirty = True                  # endpoints/rules may be out of date
+        self.pending_since: Optional[float] = None      # wall time a change first waited for a sync
+        self.last_sync = float("-inf")     # monotonic time of the last proxier sync
+        self.prints: Optional[Dict[str, str]] = None
+        self.zone_text: Optional[str] = None
+        self.services: List[o.Service] = []
+        self.slices: List[o.EndpointSlice] = []
+        self.deployment_progress: Dict[str, dict] = cluster.proxy_state.setdefault("deployments", {})
+
+    # ---- reading -----------------------------------------------------------------------
+    def refresh_store(self) -> bool:
+        """Re-read the store when it changed since the last pass; True if it did."""
+        version = self.store.data_version()
+        if version == self._data_version and self.objs:
+            return False
+        self._data_version = version
+        self.objs = with_system_objects(self.cluster, self.store.objects())
+        self.revision, self.revision_time = self.store.revision()
+        self.dirty = True
+        return True
+
+    def spec_of(self, pod: Pod) -> o.Pod:
+        """The pod's own manifest as an object (parsed once per change)."""
+        manifest = pod.status.get("spec") or {}
+        text = json.dumps(manifest, sort_keys=True)
+        cached = self._specs.get(pod.key)
+        if cached is None or cached[0] != text:
+            cached = (text, parse_pod(manifest) if manifest else o.Pod(metadata=o.ObjectMeta(
+                name=pod.name, namespace=pod.namespace, labels=dict(pod.labels))))
+            self._specs[pod.key] = cached
+        return cached[1]
+
+    def model_pod(self, pod: Pod) -> o.Pod:
+        """The Pod as the API server would show it now: spec, node, IP, phase, Ready,
+        and a deletion timestamp once it is being deleted."""
+        spec = copy.copy(self.spec_of(pod))
+        spec.metadata = copy.copy(spec.metadata)
+        spec.spec = copy.copy(spec.spec)
+        spec.spec.node_name = pod.node
+        spec.metadata.deletion_timestamp = pod.status.get("deleting_at") and str(pod.status["deleting_at"])
+        spec.status = o.PodStatus(phase=pod.status.get("phase", "Running"), pod_ip=pod.ip, pod_ips=[pod.ip],
+                                  conditions=[{"type": "Ready",
+                                               "status": "True" if pod.status.get("ready") else "False"}])
+        return spec
+
+    def managed(self) -> List[Pod]:
+        return [p for p in self.cluster.pods.values() if p.status.get("managed")]
+
+    # ---- workload controllers ------------------------------------------------------------
+    def _wanted(self) -> Tuple[Dict[str, o.Pod], List[str], Dict[str, int]]:
+        """(pods to create by key, keys to delete, quota refusals by namespace)."""
+        now = time.time()
+        create: Dict[str, o.Pod] = {}
+        delete: List[str] = []
+        live = {p.key: p for p in self.managed() if not p.status.get("deleting_at")}
+        bare = {f"{p.namespace}/{p.name}": p for p in self.objs.get("Pod", [])}
+        for key, spec in bare.items():
+            if key not in self.cluster.pods:
+                create[key] = spec
+        deps = {f"{d.namespace}/{d.name}": d for d in self.objs.get("Deployment", [])}
+        owned: Dict[str, List[Pod]] = {}
+        for key, pod in live.items():
+            owner = pod.status.get("owner")
+            if owner is None:
+                if key not in bare:
+                    delete.append(key)
+            elif owner not in deps:
+                delete.append(key)
+            else:
+                owned.setdefault(owner, []).append(pod)
+        terminating = {}
+        for pod in self.managed():
+            if pod.status.get("deleting_at") and pod.status.get("owner"):
+                terminating.setdefault(pod.status["owner"], []).append(pod)
+
+        refused: Dict[str, int] = {}
+        pods_in_ns: Dict[str, int] = {}
+        for pod in self.cluster.pods.values():
+            if not pod.status.get("deleting_at") and pod.status.get("phase") not in ("Succeeded", "Failed"):
+                pods_in_ns[pod.namespace] = pods_in_ns.get(pod.namespace, 0) + 1
+        for key, spec in create.items():
+            pods_in_ns[spec.namespace] = pods_in_ns.get(spec.namespace, 0) + 1
+        taken = set(self.cluster.pods) | set(create)
+        for key, dep in sorted(deps.items()):
+            views = [self._view(p) for p in owned.get(key, []) + terminating.get(key, [])]
+            progress = self.deployment_progress.setdefault(key, {})
+            decision = deployments.decide(dep, views, now, progress=progress)
+            delete.extend(f"{dep.namespace}/{name}" for name in decision.delete)
+            count = decision.create
+            headroom = quota.pod_headroom(self.objs, dep.namespace, pods_in_ns.get(dep.namespace, 0))
+            if headroom is not None and count > headroom:
+                refused[dep.namespace] = refused.get(dep.namespace, 0) + count - max(headroom, 0)
+                count = max(headroom, 0)
+            for _ in range(count):
+                pod = deployments.new_pod(dep, {k.split("/", 1)[1] for k in taken if k.startswith(dep.namespace + "/")})
+                manifest = pod_manifest(pod, dep.raw.get("spec", {}).get("template", {}).get("spec", {}))
+                manifest["metadata"].setdefault("annotations", {})[OWNER_ANNOTATION] = key
+                spec = parse_pod(manifest)
+                create[f"{pod.namespace}/{pod.name}"] = spec
+                taken.add(f"{pod.namespace}/{pod.name}")
+                pods_in_ns[dep.namespace] = pods_in_ns.get(dep.namespace, 0) + 1
+        return create, delete, refused
+
+    def _view(self, pod: Pod) -> "deployments.PodView":
+        return pod_view(pod)
+
+    def _create(self, create: Dict[str, o.Pod], report: PassReport) -> None:
+        specs, manifests = [], {}
+        for key, p in create.items():
+            manifests[key] = pod_manifest(p, p.raw.get("spec", {}))
+            # the first record of the pod already says it is managed, and by whom: a
+            # reconciler killed before it saves again still finds it (kproxy.recover)
+            status = {"managed": True, "owner": p.metadata.annotations.get(OWNER_ANNOTATION),
+                      "created_at": time.time(), "spec": manifests[key]}
+            specs.append((p.name, p.namespace, p.spec.node_name or None, dict(p.labels), status))
+        try:
+            made = self.cluster.add_pods(specs)
+        except KproxyError as e:
+            # one bad pod (a nodeName that does not exist...) must not stop the others
+            log.error("creating pods: %s; creating them one by one", e)
+            made = []
+            for spec in specs:
+                try:
+                    made += self.cluster.add_pods([spec])
+                except KproxyError as e1:
+                    log.error("pod %s/%s: %s", spec[1], spec[0], e1)
+        for pod in made:
+            self.kubelet.start(pod, parse_pod(manifests[pod.key]))
+            pod.status["spec"] = manifests[pod.key]
+            report.created.append(pod.key)
+        if made:
+            self.dirty = True
+
+    def _mark_deleting(self, keys: List[str], report: PassReport) -> None:
+        for key in keys:
+            pod = self.cluster.pods.get(key)
+            if pod is None or pod.status.get("deleting_at"):
+                continue
+            pod.status["deleting_at"] = time.time()
+            pod.status["reason"] = "Terminating"
+            pod.status.pop("drained_at", None)
+            report.deleted.append(key)
+            self.dirty = True
+
+    def _finish_deletions(self) -> bool:
+        """End the processes and sandboxes of deleted pods whose endpoints have left
+        every node's rules for at least the drain time.  True if any is still waiting."""
+        waiting = False
+        now = time.time()
+        for pod in [p for p in self.managed() if p.status.get("deleting_at")]:
+            drained = pod.status.get("drained_at")
+            if drained is None or now - drained < self.drain:
+                waiting = True
+                continue
+            self.kubelet.stop(pod)
+            self.cluster.delete_pod(pod.name, pod.namespace)
+            self._specs.pop(pod.key, None)
+            self.dirty = True
+        return waiting
+
+    # ---- endpoints, DNS, proxier ----------------------------------------------------------
+    def _services_and_slices(self) -> Tuple[List[o.Service], List[o.EndpointSlice]]:
+        pods = [self.model_pod(p) for p in self.managed()]
+        services = self.objs.get("Service", [])
+        slices: List[o.EndpointSlice] = list(self.objs.get("EndpointSlice", []))
+        for eps in self.objs.get("Endpoints", []):
+            slices.extend(eps.to_endpoint_slices())
+        by_ns: Dict[str, List[o.Pod]] = {}
+        for p in pods:
+            by_ns.setdefault(p.namespace, []).append(p)
+        for svc in services:
+            if svc.selector:
+                slices.extend(endpoint_slices_for(svc, by_ns.get(svc.namespace, []), None))
+        return services, slices
+
+    def _sync_rules(self, report: PassReport, force_full: bool) -> bool:
+        """Recompute endpoints and DNS; sync the nodes' rules when they changed and the
+        min-sync-period allows.  True if a sync is still owed."""
+        if self.dirty or force_full:
+            self.services, self.slices = self._services_and_slices()
+            pods = [self.model_pod(p) for p in self.managed() if not p.status.get("deleting_at")]
+            zone = dns_records.records_for(self.services, self.slices, pods, dns_ip=self.cluster.config.dns_ip(),
+                                           namespaces=sorted({p.namespace for p in pods} | {"default", "kube-system"}))
+            if zone.to_json() != self.zone_text or force_full:
+                self.zone_text = write_zone(self.cluster, self.services, self.slices, pods)
+            prints = fingerprints(self.services, self.slices)
+            if prints != self.prints or force_full:
+                if self.pending_since is None:
+                    self.pending_since = self.revision_time if self.prints is None else time.time()
+                self._want_full = force_full or getattr(self, "_want_full", False)
+            self.prints_wanted = prints
+            self.dirty = False
+        if self.pending_since is None:
+            return False
+        if time.monotonic() - self.last_sync < self.min_sync_period:
+            return True
+        prints = self.prints_wanted
+        full = getattr(self, "_want_full", False)
+        for node in self.cluster.nodes:
+            t = time.monotonic()
+            kind = proxier_for(self.cluster, node).sync(self.services, self.slices, prints, force_full=full)
+            report.syncs[node.name] = kind
+            if self.on_sync:
+                self.on_sync(node.name, kind, time.monotonic() - t, self.pending_since)
+        self.last_sync = time.monotonic()
+        self.prints = prints
+        self.pending_since = None
+        self._want_full = False
+
+        udp_now = _udp_endpoints(self.services, self.slices)
+        for vip_port, before in self.cluster.proxy_state.get("udp_endpoints", {}).items():
+            gone = set(before) - set(udp_now.get(vip_port, []))
+            vip, port = vip_port.rsplit(":", 1)
+            for ep in gone:
+                for node in self.cluster.nodes:
+                    iptables.flush_udp_conntrack(node.netns, vip, int(port), ep)
+        self.cluster.proxy_state["udp_endpoints"] = udp_now
+        announce_load_balancers(self.cluster, self.services, self.slices, force=full)
+        self.cluster.proxy_state["slices"] = len(self.slices)
+        now = time.time()
+        for pod in self.managed():
+            if pod.status.get("deleting_at") and pod.status.get("drained_at") is None:
+                pod.status["drained_at"] = now
+        return False
+
+    # ---- the pass ------------------------------------------------------------------------
+    def pass_once(self, force_full: bool = False) -> PassReport:
+        report = PassReport()
+        self.refresh_store()
+        report.revision = self.revision
+        if not os.path.exists(zone_path(self.cluster)):
+            self.zone_text = write_zone(self.cluster, [], [], [])   # the DNS pod starts on an empty zone
+
+        asked = [k for k in self.store.take_pod_deletions() if k in self.cluster.pods]
+        self._mark_deleting(asked, report)
+        create, delete, refused = self._wanted()
+        report.quota_refused = [f"{ns}: {n} pod(s)" for ns, n in refused.items()]
+        self._mark_deleting(delete, report)
+        if create:
+            self._create(create, report)
+
+        starting = changed = False
+        now = time.time()
+        for pod in self.managed():
+            if pod.status.get("deleting_at"):
+                continue
+            if "containers" not in pod.status:          # recorded, but its start was cut short
+                self.kubelet.start(pod, self.spec_of(pod))
+            if self.kubelet.sync(pod):
+                self.dirty = changed = True
+            if not pod.status.get("ready") and _may_become_ready(pod, now):
+                starting = True
+        owed = self._sync_rules(report, force_full)
+        waiting = self._finish_deletions()
+        if report.created or report.deleted or report.syncs or changed:
+            self.cluster.save()
+        # settled: nothing was done or is on its way (a readiness change may let a
+        # rollout take its next step, so it needs one more pass to tell)
+        report.settled = not (create or delete or changed or starting or owed or waiting)
+        return report
+
+    def converge_once(self, timeout: float = READY_TIMEOUT, poll: float = 0.02) -> ConvergeReport:
+        """Passes until the cluster settles (or ``timeout`` seconds pass without it):
+        what the CLI does when no daemon runs."""
+        started = time.monotonic()
+        out = ConvergeReport()
+        deadline = started + timeout
+        while True:
+            report = self.pass_once()
+            out.pods_created += report.created
+            out.pods_deleted += report.deleted
+            for node, kind in report.syncs.items():
+                if kind != "none" or node not in out.syncs:
+                    out.syncs[node] = kind
+            if report.settled:
+                break
+            if time.monotonic() > deadline:
+                out.settled = False
+                break
+            time.sleep(poll)
+        if self.pending_since is not None:          # never leave rules behind the pods
+            self.min_sync_period = 0
+            self._sync_rules(PassReport(), False)
+        self.cluster.save()
+        out.not_ready = sorted(p.key for p in self.managed() if not p.status.get("ready"))
+        out.seconds = time.monotonic() - started
+        return out
+
+
+def pod_view(pod: Pod) -> "deployments.PodView":
+    """What the Deployment controller sees of one of its pods."""
+    return deployments.PodView(
+        name=pod.name, template_hash=pod.labels.get("pod-template-hash", ""),
+        ready=bool(pod.status.get("ready")) and not pod.status.get("deleting_at"),
+        ready_since=pod.status.get("ready_since"),
+        terminating=bool(pod.status.get("deleting_at")),
+        failed=pod.status.get("phase") == "Failed",
+        created=pod.status.get("created_at"))
+
+
+def _may_become_ready(pod: Pod, now: float) -> bool:
+    """A pod not Ready yet that still may be soon: a process runs and the pod is young."""
+    if now - pod.status.get("created_at", 0) > READY_TIMEOUT:
+        return False
+    return any(c.get("state") == "running" or ("pid" in c and c.get("state") is None)
+               for c in pod.status.get("containers", []))
+
+
+# ---- the API the CLI and tests use -----------------------------------------------------------
+
+def converge(cluster: Cluster, store: Store, timeout: float = READY_TIMEOUT) -> ConvergeReport:
+    """Converge the running cluster to the store, once (no daemon)."""
+    rec = Reconciler(cluster, store)
+    try:
+        return rec.converge_once(timeout)
+    finally:
+        rec.kubelet.close()
+
+
+def current_view(cluster: Cluster, store: Store):
+    """(services, endpoint slices) as they stand: for `get svc`, `describe`, `rules`."""
+    rec = Reconciler.__new__(Reconciler)
+    rec.cluster, rec.store, rec._specs = cluster, store, {}
+    rec.objs = with_system_objects(cluster, store.objects())
+    return rec._services_and_slices()
+
+
+def switch_mode(cluster: Cluster, store: Store, mode: str) -> Dict[str, float]:
+    """Move every node to proxy mode ``mode``: the old mode's objects are removed
+    completely, the new mode's programmed from the same Services and endpoints.  Pods
+    keep their addresses; connections already NATed keep their conntrack entries.
+    Returns, per node, how long new connections through it had no rules (seconds)."""
+    from kproxy.proxier import require_backend
+    old = cluster.config.backend
+    if mode == old:
+        return {}
+    require_backend(mode, cluster.config.ipvs_scheduler)
+    services, slices = current_view(cluster, store)
+    prints = fingerprints(services, slices)
+    gaps: Dict[str, float] = {}
+    for node in cluster.nodes:
+        before = proxier_for(cluster, node, old)
+        after = proxier_for(cluster, node, mode)
+        t = time.monotonic()
+        before.cleanup()
+        after.sync(services, slices, prints, force_full=True)
+        gaps[node.name] = time.monotonic() - t
+    cluster.config.backend = mode
+    cluster.save()
+    return gaps
