@@ -18,6 +18,14 @@ from kproxy.config import ClusterConfig, DEFAULT_CLUSTER, NETWORK_MODES, nodes_f
 from kproxy.errors import KproxyError
 
 
+NS_DEFAULT_HELP = "$KPROXY_NAMESPACE or default"
+
+
+def _default_namespace() -> str:
+    """The namespace commands act in without -n, as a kubectl context's namespace."""
+    return os.environ.get("KPROXY_NAMESPACE") or "default"
+
+
 def _cluster_name(ctx: click.Context) -> str:
     return ctx.obj["cluster"]
 
@@ -216,13 +224,14 @@ KINDS = {
     "pods": "pods", "pod": "pods", "po": "pods",
     "services": "services", "service": "services", "svc": "services",
     "endpointslices": "endpointslices", "endpointslice": "endpointslices",
+    "deployments": "deployments", "deployment": "deployments", "deploy": "deployments",
 }
 
 
 @main.command()
 @click.argument("kind", type=click.Choice(sorted(KINDS)))
 @click.option("-o", "--output", type=click.Choice(["wide", "json", "yaml"]), default=None)
-@click.option("-n", "--namespace", default="default", show_default=True)
+@click.option("-n", "--namespace", default=_default_namespace, show_default=NS_DEFAULT_HELP)
 @click.option("-A", "--all-namespaces", is_flag=True)
 @click.pass_context
 def get(ctx, kind, output, namespace, all_namespaces):
@@ -241,6 +250,9 @@ def get(ctx, kind, output, namespace, all_namespaces):
     if kind == "pods":
         _print_pods(cluster, ns, wide, "json" if output == "yaml" else output)
         return
+    if kind == "deployments":
+        _print_deployments(cluster, ns, output)
+        return
     services, slices = _view(cluster)
     items = services if kind == "services" else slices
     items = [x for x in items if ns is None or x.namespace == ns]
@@ -252,8 +264,40 @@ def get(ctx, kind, output, namespace, all_namespaces):
         click.echo(views.endpointslices_table(items, all_namespaces=ns is None, namespace=namespace))
 
 
+def _print_deployments(cluster, namespace: Optional[str], output: Optional[str]) -> None:
+    import time as _time
+    from kproxy import deployments
+    from kproxy.reconciler import pod_view
+    store = _store(cluster)
+    try:
+        deps = [d for d in store.objects().get("Deployment", []) if namespace is None or d.namespace == namespace]
+    finally:
+        store.close()
+    if not deps:
+        where = "any namespace" if namespace is None else f"{namespace} namespace"
+        click.echo(f"No resources found in {where}.")
+        return
+    rows, items = [], []
+    for dep in sorted(deps, key=lambda d: (d.namespace, d.name)):
+        key = f"{dep.namespace}/{dep.name}"
+        views = [pod_view(p) for p in cluster.pods.values() if p.status.get("owner") == key]
+        st = deployments.status(dep, views, _time.time())
+        row = deployments.get_row(dep, st)
+        rows.append(([dep.namespace] if namespace is None else []) + [str(v) for v in row.values()])
+        items.append({"apiVersion": "apps/v1", "kind": "Deployment",
+                      "metadata": {"name": dep.name, "namespace": dep.namespace},
+                      "spec": {"replicas": dep.replicas},
+                      "status": {"replicas": st.replicas, "updatedReplicas": st.updated_replicas,
+                                 "readyReplicas": st.ready_replicas, "availableReplicas": st.available_replicas}})
+    if output in ("json", "yaml"):
+        click.echo(json.dumps({"apiVersion": "v1", "kind": "List", "items": items}, indent=2))
+        return
+    head = (["NAMESPACE"] if namespace is None else []) + [k.upper() for k in row]
+    click.echo(_table([head] + rows))
+
+
 def _view(cluster):
-    from kproxy.reconcile import current_view, open_store
+    from kproxy.reconciler import current_view, open_store
     store = open_store(cluster)
     try:
         return current_view(cluster, store)
@@ -264,7 +308,7 @@ def _view(cluster):
 @main.command()
 @click.argument("kind", type=click.Choice(["svc", "service", "services"]))
 @click.argument("name")
-@click.option("-n", "--namespace", default="default", show_default=True)
+@click.option("-n", "--namespace", default=_default_namespace, show_default=NS_DEFAULT_HELP)
 @click.pass_context
 def describe(ctx, kind, name, namespace):
     """Show a Service as `kubectl describe svc` does, with its endpoints.
@@ -295,7 +339,7 @@ def _parse_labels(values) -> dict:
 @main.command(context_settings={"ignore_unknown_options": True})
 @click.argument("name")
 @click.option("--node", default=None, help="The node to put the pod on (default: the least loaded).")
-@click.option("-n", "--namespace", default="default", show_default=True)
+@click.option("-n", "--namespace", default=_default_namespace, show_default=NS_DEFAULT_HELP)
 @click.option("-l", "--labels", multiple=True, help="KEY=VALUE (repeat).")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
@@ -315,7 +359,7 @@ def run(ctx, name, node, namespace, labels, command):
 
 @main.command(name="exec", context_settings={"ignore_unknown_options": True})
 @click.argument("pod")
-@click.option("-n", "--namespace", default="default", show_default=True)
+@click.option("-n", "--namespace", default=_default_namespace, show_default=NS_DEFAULT_HELP)
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.pass_context
 def exec_(ctx, pod, namespace, command):
@@ -335,9 +379,53 @@ def exec_(ctx, pod, namespace, command):
     sys.exit(res.returncode)
 
 
-def _load_manifests(files, validate: bool):
+def _load_manifests(files, validate: bool, namespace: Optional[str] = None):
     from kproxy.model import load
-    return load(list(files), strict=validate, stdin=sys.stdin if "-" in files else None)
+    return load(list(files), strict=validate, stdin=sys.stdin if "-" in files else None,
+                default_namespace=namespace or _default_namespace())
+
+
+def _store(cluster):
+    from kproxy.reconciler import open_store
+    return open_store(cluster)
+
+
+def _converge(ctx, cluster, store, wait: bool, timeout: float, mark_deleting=()):
+    """Put the store in effect: by converging here when no daemon runs (holding the
+    reconciler lock), or, when a daemon runs, by leaving it to the daemon and, with
+    --wait, waiting until it reports the store's revision in effect."""
+    from kproxy.cluster import Cluster
+    from kproxy.daemon import daemon_running, reconciler_lock, wait_settled
+    if daemon_running(cluster.dir):
+        revision, _ = store.revision()
+        if wait:
+            wait_settled(store, revision, timeout)
+        else:
+            click.echo("a daemon manages this cluster: it puts the change in effect "
+                       "(--wait waits for it)", err=True)
+        return None
+    from kproxy.reconciler import Reconciler
+    with reconciler_lock(cluster.dir, role="cli", blocking=True):
+        cluster = Cluster.open(cluster.name)       # as it is now, under the lock
+        rec = Reconciler(cluster, store)
+        try:
+            if mark_deleting:
+                from kproxy.reconciler import PassReport
+                rec._mark_deleting(list(mark_deleting), PassReport())
+            report = rec.converge_once(timeout)
+        finally:
+            rec.kubelet.close()
+    for key in report.not_ready:
+        pod = cluster.pods.get(key)
+        if pod is not None:
+            click.echo(f"pod/{pod.name} is not ready: {pod.status.get('reason')}", err=True)
+    return report
+
+
+WAIT_OPTION = click.option("--wait/--no-wait", default=False, show_default=True,
+                           help="With a daemon running: wait until the change is in effect.")
+TIMEOUT_OPTION = click.option("--timeout", type=float, default=120.0, show_default=True,
+                              help="Seconds to wait (--wait, or converging without a daemon).")
 
 
 @main.command()
@@ -345,64 +433,230 @@ def _load_manifests(files, validate: bool):
               help="A manifest file, a directory (read in lexical order) or - for stdin; repeatable.")
 @click.option("--validate/--no-validate", default=True, show_default=True,
               help="Strict field validation as kubectl's default (--no-validate drops unknown fields).")
+@click.option("-n", "--namespace", default=_default_namespace, show_default=NS_DEFAULT_HELP,
+              help="The namespace of objects whose manifest names none.")
+@WAIT_OPTION
+@TIMEOUT_OPTION
 @click.pass_context
-def apply(ctx, files, validate):
-    """Create or update objects from manifests, then converge the cluster.
+def apply(ctx, files, validate, namespace, wait, timeout):
+    """Create or update objects from manifests, then put them in effect.
 
     All or nothing: one invalid object and nothing changes; the error names the file,
-    the document, the object and the field.
+    the document, the object and the field.  Without a daemon the command converges
+    the cluster itself; with `kproxy daemon` running it writes the store and the daemon
+    acts (--wait waits for it).
 
     Example: kproxy apply -f sesiones/Sesion4-Kubernetes/Stateful-app
     """
-    from kproxy.reconcile import converge, open_store
     cluster = _open(ctx)
-    loaded = _load_manifests(files, validate)
-    store = open_store(cluster)
+    loaded = _load_manifests(files, validate, namespace)
+    store = _store(cluster)
     try:
         result = store.apply(loaded)
         for line in result.lines():
             click.echo(line)
-        report = converge(cluster, store)
+        _converge(ctx, cluster, store, wait, timeout)
     finally:
         store.close()
-    for key in report.not_ready:
-        pod = cluster.pods[key]
-        click.echo(f"pod/{pod.name} is not ready: {pod.status.get('reason')}", err=True)
+
+
+DELETE_KINDS = {"pod": "Pod", "pods": "Pod", "po": "Pod",
+                "service": "Service", "services": "Service", "svc": "Service",
+                "deployment": "Deployment", "deployments": "Deployment", "deploy": "Deployment",
+                "namespace": "Namespace", "namespaces": "Namespace", "ns": "Namespace"}
 
 
 @main.command(name="delete")
-@click.argument("kind", required=False, type=click.Choice(["pod", "pods", "po"]))
+@click.argument("kind", required=False, type=click.Choice(sorted(DELETE_KINDS)))
 @click.argument("names", nargs=-1)
 @click.option("-f", "--filename", "files", multiple=True, help="Delete the objects these manifests name.")
-@click.option("-n", "--namespace", default="default", show_default=True)
+@click.option("-n", "--namespace", default=_default_namespace, show_default=NS_DEFAULT_HELP)
+@WAIT_OPTION
+@TIMEOUT_OPTION
 @click.pass_context
-def delete(ctx, kind, names, files, namespace):
-    """Delete objects named in manifests (-f), or pods made with `kproxy run` by name.
+def delete(ctx, kind, names, files, namespace, wait, timeout):
+    """Delete objects named in manifests (-f), or by kind and name.
 
-    Example: kproxy delete -f sesiones/Sesion4-Kubernetes/Stateful-app
+    A namespace takes every object in it.  Deleting a pod a Deployment owns makes the
+    Deployment create another, as on a cluster; a pod made with `kproxy run` is removed
+    at once.
+
+    Examples: kproxy delete -f sesiones/Sesion4-Kubernetes/Stateful-app;
+    kproxy delete namespace curso; kproxy delete pod web
     """
     cluster = _open(ctx)
-    if files:
-        from kproxy.reconcile import converge, open_store
-        store = open_store(cluster)
-        try:
-            for line in store.delete(_load_manifests(files, validate=False)):
+    store = _store(cluster)
+    try:
+        if files:
+            for line in store.delete(_load_manifests(files, validate=False, namespace=namespace)):
                 click.echo(line)
-            converge(cluster, store)
-        finally:
-            store.close()
-        return
-    if not kind or not names:
-        raise click.UsageError("give -f FILE, or `pod NAME...`")
-    for name in names:
-        cluster.delete_pod(name, namespace)
-        click.echo(f'pod "{name}" deleted')
+            _converge(ctx, cluster, store, wait, timeout)
+            return
+        if not kind or not names:
+            raise click.UsageError("give -f FILE, or KIND NAME...")
+        kind = DELETE_KINDS[kind]
+        if kind != "Pod":
+            if kind == "Namespace" and set(names) & {"default", "kube-system", "kube-public", "kube-node-lease"}:
+                raise KproxyError("namespaces default, kube-system, kube-public and kube-node-lease "
+                                  "may not be deleted")
+            for line in store.delete_names(kind, namespace, list(names)):
+                click.echo(line)
+            _converge(ctx, cluster, store, wait, timeout)
+            return
+        stored = {o.name for o in store.objects().get("Pod", []) if o.namespace == namespace}
+        owned = []
+        for name in names:
+            pod = cluster.pods.get(f"{namespace}/{name}")
+            if name in stored:
+                store.delete_names("Pod", namespace, [name])
+            elif pod is not None and pod.status.get("managed"):
+                owned.append(pod.key)
+            else:
+                cluster.delete_pod(name, namespace)
+            click.echo(f'pod "{name}" deleted')
+        if owned:
+            from kproxy.daemon import daemon_running
+            if daemon_running(cluster.dir):
+                store.request_pod_deletions(owned)
+            _converge(ctx, cluster, store, wait, timeout, mark_deleting=owned)
+        elif len(stored & set(names)):
+            _converge(ctx, cluster, store, wait, timeout)
+    finally:
+        store.close()
+
+
+def _deployment_ref(ref: str, name: Optional[str]) -> str:
+    kind, _, rest = ref.partition("/")
+    if not rest:
+        kind, rest = ref, name or ""
+    if kind not in ("deployment", "deployments", "deploy", "deployment.apps") or not rest:
+        raise click.UsageError(f"expected deployment/NAME, not {ref!r}")
+    return rest
+
+
+@main.command()
+@click.argument("ref", metavar="deployment/NAME")
+@click.argument("name", required=False)
+@click.option("--replicas", type=click.IntRange(0, 1000), required=True)
+@click.option("-n", "--namespace", default=_default_namespace, show_default=NS_DEFAULT_HELP)
+@WAIT_OPTION
+@TIMEOUT_OPTION
+@click.pass_context
+def scale(ctx, ref, name, replicas, namespace, wait, timeout):
+    """Set a Deployment's number of replicas.
+
+    Example: kproxy scale deployment/wordpress --replicas 6
+    """
+    name = _deployment_ref(ref, name)
+    cluster = _open(ctx)
+    store = _store(cluster)
+    try:
+        store.scale("Deployment", namespace, name, replicas)
+        click.echo(f"deployment.apps/{name} scaled")
+        _converge(ctx, cluster, store, wait, timeout)
+    finally:
+        store.close()
+
+
+@main.group()
+def rollout():
+    """Follow a Deployment's rollout."""
+
+
+@rollout.command(name="status")
+@click.argument("ref", metavar="deployment/NAME")
+@click.argument("name", required=False)
+@click.option("-n", "--namespace", default=_default_namespace, show_default=NS_DEFAULT_HELP)
+@click.option("-w", "--watch/--no-watch", default=True, show_default=True, help="Follow until it is done.")
+@click.option("--timeout", type=float, default=0, show_default=True, help="Give up after this many seconds (0: never).")
+@click.pass_context
+def rollout_status(ctx, ref, name, namespace, watch, timeout):
+    """Print a Deployment's rollout progress as `kubectl rollout status` does; exit 0
+    once it has rolled out, 1 when it exceeded its progress deadline or timed out.
+
+    Example: kproxy rollout status deployment/wordpress
+    """
+    import time as _time
+    from kproxy import deployments
+    from kproxy.cluster import Cluster
+    from kproxy.daemon import daemon_running
+    from kproxy.reconciler import pod_view
+    name = _deployment_ref(ref, name)
+    cluster = _open(ctx)
+    store = _store(cluster)
+    deadline = _time.monotonic() + timeout if timeout else None
+    last = None
+    try:
+        while True:
+            dep = next((d for d in store.objects().get("Deployment", [])
+                        if d.name == name and d.namespace == namespace), None)
+            if dep is None:
+                raise KproxyError(f'deployments.apps "{name}" not found in namespace {namespace!r}')
+            cluster = Cluster.open(cluster.name)
+            key = f"{namespace}/{name}"
+            views = [pod_view(p) for p in cluster.pods.values()
+                     if p.status.get("managed") and p.status.get("owner") == key]
+            progress = cluster.proxy_state.get("deployments", {}).get(key)
+            message, done = deployments.rollout_status(dep, views, _time.time(), progress=progress)
+            if message != last:
+                click.echo(message)
+                last = message
+            if done:
+                return
+            if message.startswith("error:"):
+                sys.exit(1)
+            if not watch:
+                return
+            if not daemon_running(cluster.dir):
+                raise KproxyError("no daemon is running to take the rollout further "
+                                  "(`kproxy daemon`, or `kproxy apply` again to converge once)")
+            if deadline is not None and _time.monotonic() > deadline:
+                click.echo(f"error: timed out waiting for the condition", err=True)
+                sys.exit(1)
+            _time.sleep(0.2)
+    finally:
+        store.close()
+
+
+@main.command()
+@click.option("--min-sync-period", type=float, default=1.0, show_default=True,
+              help="Least time between two proxier syncs; changes in between are batched (kube-proxy's flag).")
+@click.option("--sync-period", type=float, default=30.0, show_default=True,
+              help="Time between full checks that repair drift (rules flushed, pods' namespaces deleted).")
+@click.option("--interval", type=float, default=0.2, show_default=True,
+              help="Time between passes when nothing changes (a store change wakes it at once).")
+@click.option("--metrics-bind-address", default="127.0.0.1:10249", show_default=True,
+              help="Loopback address:port of the Prometheus /metrics endpoint ('' for none).")
+@click.option("--backoff", "backoff_base", type=float, default=10.0, show_default=True,
+              help="First crash-loop back-off in seconds (doubles to 300).")
+@click.option("-v", "--verbose", is_flag=True, help="Log every pod created and deleted.")
+@click.pass_context
+def daemon(ctx, min_sync_period, sync_period, interval, metrics_bind_address, backoff_base, verbose):
+    """Run the cluster's controllers continuously, in the foreground.
+
+    Keeps the cluster true to the store as kubelet, the controllers and kube-proxy do:
+    supervises and probes pods, rolls Deployments, keeps endpoints, DNS and every
+    node's rules current, and repairs drift.  Stop it with Ctrl-C or SIGTERM: the
+    cluster keeps running, and the next daemon adopts it.  vagrant/kproxy.service runs
+    it under systemd.
+
+    Example: kproxy daemon --metrics-bind-address 127.0.0.1:10249
+    """
+    import logging
+    from kproxy.daemon import Daemon
+    _open(ctx)
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    d = Daemon(_cluster_name(ctx), min_sync_period=min_sync_period, sync_period=sync_period,
+               interval=interval, metrics_address=metrics_bind_address or None, backoff_base=backoff_base)
+    click.echo(f"kproxy daemon for cluster {_cluster_name(ctx)!r} (pid {os.getpid()})", err=True)
+    d.run()
 
 
 @main.command()
 @click.argument("source", metavar="FROM")
 @click.argument("target", metavar="TO")
-@click.option("-n", "--namespace", default="default", show_default=True, help="Namespace of FROM and TO names.")
+@click.option("-n", "--namespace", default=_default_namespace, show_default=NS_DEFAULT_HELP, help="Namespace of FROM and TO names.")
 @click.option("--udp", is_flag=True, help="Send UDP instead of TCP.")
 @click.option("--http", is_flag=True, help="Send an HTTP request and show the answer.")
 @click.option("--count", type=click.IntRange(1, 100), default=1, show_default=True, help="Connections to make.")
@@ -459,14 +713,19 @@ def proxy_mode_set(ctx, mode):
 
     Example: kproxy proxy-mode set nftables
     """
-    from kproxy.reconcile import open_store, switch_mode
+    from kproxy.cluster import Cluster
+    from kproxy.daemon import reconciler_lock
+    from kproxy.reconciler import open_store, switch_mode
     cluster = _open(ctx)
-    old = cluster.config.backend
-    store = open_store(cluster)
-    try:
-        gaps = switch_mode(cluster, store, mode)
-    finally:
-        store.close()
+    with reconciler_lock(cluster.dir, role="cli", blocking=True):
+        cluster = Cluster.open(cluster.name)
+        cluster.reconciler = True
+        old = cluster.config.backend
+        store = open_store(cluster)
+        try:
+            gaps = switch_mode(cluster, store, mode)
+        finally:
+            store.close()
     if not gaps:
         click.echo(f"the cluster already runs kube-proxy in {mode} mode")
         return
@@ -481,7 +740,7 @@ def proxy_mode_set(ctx, mode):
 @click.option("--backend", "modes", multiple=True, type=click.Choice(["iptables", "nftables", "ipvs"]),
               help="A mode to show (repeat); default: all three.")
 @click.option("--node", default=None, help="The node whose rules to show (default: the first).")
-@click.option("-n", "--namespace", default="default", show_default=True)
+@click.option("-n", "--namespace", default=_default_namespace, show_default=NS_DEFAULT_HELP)
 @click.pass_context
 def rules(ctx, service, modes, node, namespace):
     """The rules that implement one Service in each proxy mode, side by side.
