@@ -157,7 +157,8 @@ def _table(rows: list[list[str]]) -> str:
     return "\n".join("   ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
-def _print_nodes(cluster, wide: bool = False, output: Optional[str] = None) -> None:
+def _print_nodes(cluster, wide: bool = False, output: Optional[str] = None, names=()) -> None:
+    nodes = [n for n in cluster.nodes if not names or n.name in names]
     if output == "json":
         items = [{
             "apiVersion": "v1", "kind": "Node",
@@ -166,14 +167,14 @@ def _print_nodes(cluster, wide: bool = False, output: Optional[str] = None) -> N
             "status": {"addresses": [{"type": "InternalIP", "address": n.ip}],
                        "conditions": [{"type": "Ready", "status": "True"}]},
             "kproxy": {"netns": n.netns},
-        } for n in cluster.nodes]
+        } for n in nodes]
         click.echo(json.dumps({"apiVersion": "v1", "kind": "List", "items": items}, indent=2))
         return
     head = ["NAME", "STATUS", "INTERNAL-IP", "POD-CIDR"]
     if wide:
         head += ["NETNS", "NETWORK"]
     rows = [head]
-    for n in cluster.nodes:
+    for n in nodes:
         row = [n.name, "Ready", n.ip, n.pod_cidr]
         if wide:
             row += [n.netns, cluster.config.network_mode]
@@ -188,13 +189,21 @@ def _pod_row(p) -> dict:
             "restarts": st.get("restarts", 0), "netns": p.netns}
 
 
-def _print_pods(cluster, namespace: Optional[str], wide: bool, output: Optional[str]) -> None:
-    pods = [p for p in cluster.pods.values() if namespace is None or p.namespace == namespace]
+def _rfc3339(t: float) -> str:
+    import time as _time
+    return _time.strftime("%Y-%m-%dT%H:%M:%SZ", _time.gmtime(t))
+
+
+def _print_pods(cluster, namespace: Optional[str], wide: bool, output: Optional[str], names=()) -> None:
+    pods = [p for p in cluster.pods.values()
+            if (namespace is None or p.namespace == namespace) and (not names or p.name in names)]
     pods.sort(key=lambda p: (p.namespace, p.name))
     if output == "json":
         items = [{
             "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": p.name, "namespace": p.namespace, "labels": p.labels},
+            "metadata": {"name": p.name, "namespace": p.namespace, "labels": p.labels,
+                         **({"deletionTimestamp": _rfc3339(p.status["deleting_at"])}
+                            if p.status.get("deleting_at") else {})},
             "spec": {"nodeName": p.node},
             "status": {"phase": p.status.get("phase", "Running"), "podIP": p.ip, "podIPs": [{"ip": p.ip}],
                        "conditions": [{"type": "Ready", "status": str(bool(p.status.get("ready", True)))}]},
@@ -230,32 +239,36 @@ KINDS = {
 
 @main.command()
 @click.argument("kind", type=click.Choice(sorted(KINDS)))
+@click.argument("names", nargs=-1)
 @click.option("-o", "--output", type=click.Choice(["wide", "json", "yaml"]), default=None)
 @click.option("-n", "--namespace", default=_default_namespace, show_default=NS_DEFAULT_HELP)
 @click.option("-A", "--all-namespaces", is_flag=True)
 @click.pass_context
-def get(ctx, kind, output, namespace, all_namespaces):
-    """List nodes, pods, services or endpointslices, as kubectl would (-o wide|json|yaml).
+def get(ctx, kind, names, output, namespace, all_namespaces):
+    """List nodes, pods, deployments, services or endpointslices, as kubectl would
+    (-o wide|json|yaml); NAMES narrow the list.
 
-    Example: kproxy get svc -A -o wide
+    Example: kproxy get svc -A -o wide; kproxy get svc wordpress
     """
     from kproxy import views
     cluster = _open(ctx)
     kind = KINDS[kind]
     wide = output == "wide"
     ns = None if all_namespaces else namespace
+    if names:
+        _check_names(cluster, kind, ns, names)
     if kind == "nodes":
-        _print_nodes(cluster, wide=wide, output=output)
+        _print_nodes(cluster, wide=wide, output=output, names=names)
         return
     if kind == "pods":
-        _print_pods(cluster, ns, wide, "json" if output == "yaml" else output)
+        _print_pods(cluster, ns, wide, "json" if output == "yaml" else output, names=names)
         return
     if kind == "deployments":
-        _print_deployments(cluster, ns, output)
+        _print_deployments(cluster, ns, output, names=names)
         return
     services, slices = _view(cluster)
     items = services if kind == "services" else slices
-    items = [x for x in items if ns is None or x.namespace == ns]
+    items = [x for x in items if (ns is None or x.namespace == ns) and (not names or x.name in names)]
     if output in ("json", "yaml"):
         click.echo(views.as_list(items, output))
     elif kind == "services":
@@ -264,13 +277,37 @@ def get(ctx, kind, output, namespace, all_namespaces):
         click.echo(views.endpointslices_table(items, all_namespaces=ns is None, namespace=namespace))
 
 
-def _print_deployments(cluster, namespace: Optional[str], output: Optional[str]) -> None:
+def _check_names(cluster, kind: str, namespace: Optional[str], names) -> None:
+    """kubectl's NotFound for a name that is not there."""
+    if kind == "nodes":
+        have = {n.name for n in cluster.nodes}
+    elif kind == "pods":
+        have = {p.name for p in cluster.pods.values() if namespace is None or p.namespace == namespace}
+    elif kind == "deployments":
+        store = _store(cluster)
+        try:
+            have = {d.name for d in store.objects().get("Deployment", [])
+                    if namespace is None or d.namespace == namespace}
+        finally:
+            store.close()
+    else:
+        services, slices = _view(cluster)
+        have = {x.name for x in (services if kind == "services" else slices)
+                if namespace is None or x.namespace == namespace}
+    for name in names:
+        if name not in have:
+            resource = {"deployments": "deployments.apps", "endpointslices": "endpointslices.discovery.k8s.io"}.get(kind, kind)
+            raise KproxyError(f'(NotFound) {resource} "{name}" not found')
+
+
+def _print_deployments(cluster, namespace: Optional[str], output: Optional[str], names=()) -> None:
     import time as _time
     from kproxy import deployments
     from kproxy.reconciler import pod_view
     store = _store(cluster)
     try:
-        deps = [d for d in store.objects().get("Deployment", []) if namespace is None or d.namespace == namespace]
+        deps = [d for d in store.objects().get("Deployment", [])
+                if (namespace is None or d.namespace == namespace) and (not names or d.name in names)]
     finally:
         store.close()
     if not deps:
@@ -360,22 +397,41 @@ def run(ctx, name, node, namespace, labels, command):
 @main.command(name="exec", context_settings={"ignore_unknown_options": True})
 @click.argument("pod")
 @click.option("-n", "--namespace", default=_default_namespace, show_default=NS_DEFAULT_HELP)
+@click.option("-c", "--container", default=None, help="The container whose image decides the command (default: the first).")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.pass_context
-def exec_(ctx, pod, namespace, command):
+def exec_(ctx, pod, namespace, container, command):
     """Run a command in a pod's network namespace; its exit code is passed through.
 
-    POD may also be `node/NAME` (a node's namespace) or `external` (the outside client).
+    In a pod made from a manifest the command is looked up as the container's image
+    would have it: in a busybox pod `nslookup` and `wget` are busybox's applets, and a
+    command the image lacks (curl in busybox) fails as kubectl exec would.  POD may
+    also be `node/NAME` (a node's namespace) or `external` (the outside client).
 
-    Example: kproxy exec web -- ip -br addr
+    Example: kproxy exec busybox -- nslookup store-products
     """
     cluster = _open(ctx)
+    argv = list(command)
     if pod == "external":
-        res = cluster.exec_in(cluster.external_ns, list(command))
+        res = cluster.exec_in(cluster.external_ns, argv)
     elif pod.startswith("node/"):
-        res = cluster.exec_in(cluster.node(pod.split("/", 1)[1]).netns, list(command))
+        res = cluster.exec_in(cluster.node(pod.split("/", 1)[1]).netns, argv)
     else:
-        res = cluster.exec(cluster.pod(pod, namespace), list(command))
+        p = cluster.pod(pod, namespace)
+        containers = (p.status.get("spec") or {}).get("spec", {}).get("containers", [])
+        if container is not None:
+            containers = [c for c in containers if c.get("name") == container]
+            if not containers:
+                raise KproxyError(f"container {container} is not valid for pod {pod}")
+        if containers:
+            from kproxy.workload.images import exec_argv
+            resolved = exec_argv(containers[0].get("image", ""), argv)
+            if resolved is None:
+                click.echo(f'error: exec: "{argv[0]}": executable file not found in $PATH '
+                           f'(image {containers[0].get("image", "")})', err=True)
+                sys.exit(126)
+            argv = resolved
+        res = cluster.exec(p, argv)
     sys.exit(res.returncode)
 
 

@@ -430,6 +430,16 @@ def _wanted_argv(container: Mapping[str, Any], info: Optional[ImageInfo]) -> Opt
     return None
 
 
+def exec_argv(image: str, argv: List[str]) -> Optional[List[str]]:
+    """What `kubectl exec POD -- argv` runs in a container of ``image`` here: the same
+    lookup as a container's command (a busybox pod's ``nslookup`` is busybox's applet),
+    or ``None`` when the image would not have the command (``curl`` in busybox)."""
+    if not argv:
+        return None
+    info = lookup(str(image))
+    return _resolve(list(argv), bool(info and info.busybox_userland))
+
+
 def runs_command(container: Mapping[str, Any]) -> Optional[List[str]]:
     """The argv to run for this container on this machine, or ``None`` (module docstring)."""
     info = lookup(str(container.get("image", "")))
