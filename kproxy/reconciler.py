@@ -357,7 +357,9 @@ class Reconciler:
 
     def _finish_deletions(self) -> bool:
         """End the processes and sandboxes of deleted pods whose endpoints have left
-        every node's rules for at least the drain time.  True if any is still waiting."""
+        every node's rules for at least the drain time.  True if any is still waiting,
+        or went now (a controller may act on its absence: Recreate, a bare Pod applied
+        again)."""
         waiting = False
         now = time.time()
         for pod in [p for p in self.managed() if p.status.get("deleting_at")]:
@@ -368,7 +370,7 @@ class Reconciler:
             self.kubelet.stop(pod)
             self.cluster.delete_pod(pod.name, pod.namespace)
             self._specs.pop(pod.key, None)
-            self.dirty = True
+            self.dirty = waiting = True
         return waiting
 
     # ---- endpoints, DNS, proxier ----------------------------------------------------------
