@@ -685,7 +685,7 @@ def rollout_status(ctx, ref, name, namespace, watch, timeout):
               help="Loopback address:port of the Prometheus /metrics endpoint ('' for none).")
 @click.option("--backoff", "backoff_base", type=float, default=10.0, show_default=True,
               help="First crash-loop back-off in seconds (doubles to 300).")
-@click.option("-v", "--verbose", is_flag=True, help="Log every pod created and deleted.")
+@click.option("-v", "--verbose", count=True, help="-v: log every pod created and deleted; -vv: every pass.")
 @click.pass_context
 def daemon(ctx, min_sync_period, sync_period, interval, metrics_bind_address, backoff_base, verbose):
     """Run the cluster's controllers continuously, in the foreground.
@@ -701,8 +701,8 @@ def daemon(ctx, min_sync_period, sync_period, interval, metrics_bind_address, ba
     import logging
     from kproxy.daemon import Daemon
     _open(ctx)
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("kproxy").setLevel({0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG))
     d = Daemon(_cluster_name(ctx), min_sync_period=min_sync_period, sync_period=sync_period,
                interval=interval, metrics_address=metrics_bind_address or None, backoff_base=backoff_base)
     click.echo(f"kproxy daemon for cluster {_cluster_name(ctx)!r} (pid {os.getpid()})", err=True)

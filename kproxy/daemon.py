@@ -17,6 +17,7 @@ kproxy.recover).
 from __future__ import annotations
 
 import errno
+import faulthandler
 import fcntl
 import logging
 import os
@@ -148,6 +149,7 @@ class Daemon:
         if install_signals:
             signal.signal(signal.SIGTERM, self.stop)
             signal.signal(signal.SIGINT, self.stop)
+            faulthandler.register(signal.SIGUSR1, all_threads=True)   # `kill -USR1 PID`: where is it?
         cluster = Cluster.open(self.cluster_name)
         with reconciler_lock(cluster.dir, role="daemon"):
             cluster = Cluster.open(self.cluster_name)      # re-read under the lock
@@ -195,6 +197,8 @@ class Daemon:
                 log.info("pod %s deleting", key)
             for line in report.quota_refused:
                 log.warning("quota: could not create %s", line)
+            if not report.settled:
+                log.debug("pass %d: not settled: %s", self.passes, ", ".join(report.busy))
             if report.settled and report.revision != settled_rev:
                 settled_rev = report.revision
                 store.set_meta("settled", {"revision": report.revision, "time": time.time(), "pid": os.getpid()})

@@ -176,6 +176,7 @@ class PassReport:
     deleted: List[str] = field(default_factory=list)
     syncs: Dict[str, str] = field(default_factory=dict)     # node -> "full", "partial" or "none"
     settled: bool = False
+    busy: List[str] = field(default_factory=list)            # why it is not settled
     revision: int = 0                  # the store revision this pass worked from
     quota_refused: List[str] = field(default_factory=list)
 
@@ -210,15 +211,19 @@ class Reconciler:
         self._data_version: Optional[Tuple[int, int]] = None
         self.revision = 0
         self.revision_time: Optional[float] = None      # wall time of the newest store change seen
+        self.started = time.time()
+        self.trigger_time: Optional[float] = None       # wall time of the change that needs a sync
         self._specs: Dict[str, Tuple[str, o.Pod]] = {}    # pod key -> (manifest json, parsed)
         self.dirty = True                  # endpoints/rules may be out of date
         self.pending_since: Optional[float] = None      # wall time a change first waited for a sync
         self.last_sync = float("-inf")     # monotonic time of the last proxier sync
-        self.prints: Optional[Dict[str, str]] = None
+        self.prints: Optional[Dict[str, str]] = None         # what the nodes' rules were last synced from
+        self.prints_wanted: Dict[str, str] = {}              # what they should be synced from next
+        self.want_full = False                               # the next sync rewrites everything
+        self.owed = False                                    # a sync is due (batched by min_sync_period)
         self.zone_text: Optional[str] = None
         self.services: List[o.Service] = []
         self.slices: List[o.EndpointSlice] = []
-        self.deployment_progress: Dict[str, dict] = cluster.proxy_state.setdefault("deployments", {})
 
     # ---- reading -----------------------------------------------------------------------
     def refresh_store(self) -> bool:
@@ -229,32 +234,17 @@ class Reconciler:
         self._data_version = version
         self.objs = with_system_objects(self.cluster, self.store.objects())
         self.revision, self.revision_time = self.store.revision()
+        if self.revision_time is not None and self.revision_time >= self.started and self.trigger_time is None:
+            self.trigger_time = self.revision_time
         self.dirty = True
         return True
 
     def spec_of(self, pod: Pod) -> o.Pod:
         """The pod's own manifest as an object (parsed once per change)."""
-        manifest = pod.status.get("spec") or {}
-        text = json.dumps(manifest, sort_keys=True)
-        cached = self._specs.get(pod.key)
-        if cached is None or cached[0] != text:
-            cached = (text, parse_pod(manifest) if manifest else o.Pod(metadata=o.ObjectMeta(
-                name=pod.name, namespace=pod.namespace, labels=dict(pod.labels))))
-            self._specs[pod.key] = cached
-        return cached[1]
+        return _spec_of(pod, self._specs)
 
     def model_pod(self, pod: Pod) -> o.Pod:
-        """The Pod as the API server would show it now: spec, node, IP, phase, Ready,
-        and a deletion timestamp once it is being deleted."""
-        spec = copy.copy(self.spec_of(pod))
-        spec.metadata = copy.copy(spec.metadata)
-        spec.spec = copy.copy(spec.spec)
-        spec.spec.node_name = pod.node
-        spec.metadata.deletion_timestamp = pod.status.get("deleting_at") and str(pod.status["deleting_at"])
-        spec.status = o.PodStatus(phase=pod.status.get("phase", "Running"), pod_ip=pod.ip, pod_ips=[pod.ip],
-                                  conditions=[{"type": "Ready",
-                                               "status": "True" if pod.status.get("ready") else "False"}])
-        return spec
+        return _model_pod(pod, self.spec_of(pod))
 
     def managed(self) -> List[Pod]:
         return [p for p in self.cluster.pods.values() if p.status.get("managed")]
@@ -296,7 +286,8 @@ class Reconciler:
         taken = set(self.cluster.pods) | set(create)
         for key, dep in sorted(deps.items()):
             views = [self._view(p) for p in owned.get(key, []) + terminating.get(key, [])]
-            progress = self.deployment_progress.setdefault(key, {})
+            # the progress record (for progressDeadlineSeconds) lives with the cluster's records
+            progress = self.cluster.proxy_state.setdefault("deployments", {}).setdefault(key, {})
             decision = deployments.decide(dep, views, now, progress=progress)
             delete.extend(f"{dep.namespace}/{name}" for name in decision.delete)
             count = decision.create
@@ -375,18 +366,7 @@ class Reconciler:
 
     # ---- endpoints, DNS, proxier ----------------------------------------------------------
     def _services_and_slices(self) -> Tuple[List[o.Service], List[o.EndpointSlice]]:
-        pods = [self.model_pod(p) for p in self.managed()]
-        services = self.objs.get("Service", [])
-        slices: List[o.EndpointSlice] = list(self.objs.get("EndpointSlice", []))
-        for eps in self.objs.get("Endpoints", []):
-            slices.extend(eps.to_endpoint_slices())
-        by_ns: Dict[str, List[o.Pod]] = {}
-        for p in pods:
-            by_ns.setdefault(p.namespace, []).append(p)
-        for svc in services:
-            if svc.selector:
-                slices.extend(endpoint_slices_for(svc, by_ns.get(svc.namespace, []), None))
-        return services, slices
+        return services_and_slices(self.objs, [self.model_pod(p) for p in self.managed()])
 
     def _sync_rules(self, report: PassReport, force_full: bool) -> bool:
         """Recompute endpoints and DNS; sync the nodes' rules when they changed and the
@@ -399,18 +379,23 @@ class Reconciler:
             if zone.to_json() != self.zone_text or force_full:
                 self.zone_text = write_zone(self.cluster, self.services, self.slices, pods)
             prints = fingerprints(self.services, self.slices)
-            if prints != self.prints or force_full:
+            if prints != self.prints:
+                self.owed = True
                 if self.pending_since is None:
-                    self.pending_since = self.revision_time if self.prints is None else time.time()
-                self._want_full = force_full or getattr(self, "_want_full", False)
+                    # network programming latency counts from the change that asked for it:
+                    # a store write, else now (a pod turned Ready or went away)
+                    self.pending_since = self.trigger_time or time.time()
+            if force_full:
+                self.owed = self.want_full = True
+            self.trigger_time = None
             self.prints_wanted = prints
             self.dirty = False
-        if self.pending_since is None:
+        if not self.owed:
             return False
         if time.monotonic() - self.last_sync < self.min_sync_period:
             return True
         prints = self.prints_wanted
-        full = getattr(self, "_want_full", False)
+        full = self.want_full
         for node in self.cluster.nodes:
             t = time.monotonic()
             kind = proxier_for(self.cluster, node).sync(self.services, self.slices, prints, force_full=full)
@@ -420,7 +405,7 @@ class Reconciler:
         self.last_sync = time.monotonic()
         self.prints = prints
         self.pending_since = None
-        self._want_full = False
+        self.owed = self.want_full = False
 
         udp_now = _udp_endpoints(self.services, self.slices)
         for vip_port, before in self.cluster.proxy_state.get("udp_endpoints", {}).items():
@@ -471,7 +456,10 @@ class Reconciler:
             self.cluster.save()
         # settled: nothing was done or is on its way (a readiness change may let a
         # rollout take its next step, so it needs one more pass to tell)
-        report.settled = not (create or delete or changed or starting or owed or waiting)
+        report.busy = [what for what, flag in (("creating pods", create), ("deleting pods", delete),
+                                               ("pod status changed", changed), ("pods starting", starting),
+                                               ("sync owed", owed), ("pods terminating", waiting)) if flag]
+        report.settled = not report.busy
         return report
 
     def converge_once(self, timeout: float = READY_TIMEOUT, poll: float = 0.02) -> ConvergeReport:
@@ -493,13 +481,37 @@ class Reconciler:
                 out.settled = False
                 break
             time.sleep(poll)
-        if self.pending_since is not None:          # never leave rules behind the pods
+        if self.owed:                               # never leave rules behind the pods
             self.min_sync_period = 0
             self._sync_rules(PassReport(), False)
         self.cluster.save()
         out.not_ready = sorted(p.key for p in self.managed() if not p.status.get("ready"))
         out.seconds = time.monotonic() - started
         return out
+
+
+def _spec_of(pod: Pod, cache: Dict[str, Tuple[str, o.Pod]]) -> o.Pod:
+    manifest = pod.status.get("spec") or {}
+    text = json.dumps(manifest, sort_keys=True)
+    cached = cache.get(pod.key)
+    if cached is None or cached[0] != text:
+        cached = (text, parse_pod(manifest) if manifest else o.Pod(metadata=o.ObjectMeta(
+            name=pod.name, namespace=pod.namespace, labels=dict(pod.labels))))
+        cache[pod.key] = cached
+    return cached[1]
+
+
+def _model_pod(pod: Pod, spec: o.Pod) -> o.Pod:
+    """The Pod as the API server would show it now: spec, node, IP, phase, Ready, and a
+    deletion timestamp once it is being deleted (a shallow copy: the cached spec stays)."""
+    out = copy.copy(spec)
+    out.metadata = copy.copy(spec.metadata)
+    out.spec = copy.copy(spec.spec)
+    out.spec.node_name = pod.node
+    out.metadata.deletion_timestamp = str(pod.status["deleting_at"]) if pod.status.get("deleting_at") else None
+    out.status = o.PodStatus(phase=pod.status.get("phase", "Running"), pod_ip=pod.ip, pod_ips=[pod.ip],
+                             conditions=[{"type": "Ready", "status": "True" if pod.status.get("ready") else "False"}])
+    return out
 
 
 def pod_view(pod: Pod) -> "deployments.PodView":
@@ -532,12 +544,29 @@ def converge(cluster: Cluster, store: Store, timeout: float = READY_TIMEOUT) -> 
         rec.kubelet.close()
 
 
+def services_and_slices(objs: Dict[str, list], pods: List[o.Pod]) -> Tuple[List[o.Service], List[o.EndpointSlice]]:
+    """The endpoints controller: the Services, and the EndpointSlices it keeps for them
+    from ``pods`` (with their Ready condition and deletion timestamp), plus slices and
+    Endpoints applied by hand."""
+    services = objs.get("Service", [])
+    slices: List[o.EndpointSlice] = list(objs.get("EndpointSlice", []))
+    for eps in objs.get("Endpoints", []):
+        slices.extend(eps.to_endpoint_slices())
+    by_ns: Dict[str, List[o.Pod]] = {}
+    for p in pods:
+        by_ns.setdefault(p.namespace, []).append(p)
+    for svc in services:
+        if svc.selector:
+            slices.extend(endpoint_slices_for(svc, by_ns.get(svc.namespace, []), None))
+    return services, slices
+
+
 def current_view(cluster: Cluster, store: Store):
     """(services, endpoint slices) as they stand: for `get svc`, `describe`, `rules`."""
-    rec = Reconciler.__new__(Reconciler)
-    rec.cluster, rec.store, rec._specs = cluster, store, {}
-    rec.objs = with_system_objects(cluster, store.objects())
-    return rec._services_and_slices()
+    objs = with_system_objects(cluster, store.objects())
+    specs: Dict[str, Tuple[str, o.Pod]] = {}
+    pods = [_model_pod(p, _spec_of(p, specs)) for p in cluster.pods.values() if p.status.get("managed")]
+    return services_and_slices(objs, pods)
 
 
 def switch_mode(cluster: Cluster, store: Store, mode: str) -> Dict[str, float]:

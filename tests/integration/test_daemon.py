@@ -33,7 +33,7 @@ class Daemon:
     def __init__(self, name: str, tmp_path, args=FAST):
         self.name = name
         self.log = open(tmp_path / f"daemon-{time.monotonic_ns()}.log", "w+")
-        self.proc = subprocess.Popen([sys.executable, "-m", "kproxy", "--cluster", name, "daemon", "-v", *args],
+        self.proc = subprocess.Popen([sys.executable, "-m", "kproxy", "--cluster", name, "daemon", "-vv", *args],
                                      stdout=self.log, stderr=subprocess.STDOUT, env=dict(os.environ))
         deadline = time.monotonic() + 30
         while self.meta("daemon", {}).get("pid") != self.proc.pid:
@@ -232,10 +232,11 @@ def test_after_a_reboot_the_daemon_rebuilds_the_cluster(cluster, tmp_path):
         subprocess.run(["ip", "netns", "delete", ns], check=False)
     d = Daemon(cluster.name, tmp_path)
     try:
+        wait_for("the rebuild", lambda: "rebuilt the nodes" in d.output(), timeout=60)
         wait_for("2 ready web pods", lambda: sum(1 for p in fresh(cluster).pods.values()
-                                                 if p.name.startswith("web-") and p.status.get("ready")) == 2,
+                                                 if p.name.startswith("web-") and p.status.get("ready")
+                                                 and os.path.exists(f"/run/netns/{p.netns}")) == 2,
                  timeout=60)
-        assert "rebuilt the nodes" in d.output()
         c, client = client_pod(cluster)
         vip = next(s for s in _services(cluster) if s["metadata"]["name"] == "web")["spec"]["clusterIP"]
         wait_for("service works", lambda: len(probe(c, client.netns, vip, 8080, n=20)["pods"]) == 2, timeout=20)
