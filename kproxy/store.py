@@ -16,7 +16,8 @@ from typing import Dict, List, Optional, Tuple
 
 from kproxy.alloc import Allocators, AllocationError
 from kproxy.errors import KproxyError
-from kproxy.model import LoadedObject, loads
+from kproxy.model import LoadedObject
+from kproxy.model.loader import decode
 from kproxy.model import objects as o
 
 Key = Tuple[str, str, str]          # (kind, namespace or "", name)
@@ -63,6 +64,7 @@ class Store:
         self.db = sqlite3.connect(path, timeout=30, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.executescript(SCHEMA)
+        self._parsed: Dict[Key, tuple] = {}      # (kind, ns, name) -> (manifest, allocated, object)
 
     def close(self) -> None:
         self.db.close()
@@ -313,19 +315,25 @@ class Store:
 
     # ---- reading -------------------------------------------------------------------------
     def objects(self) -> Dict[str, list]:
-        """Every stored object as model dataclasses, by kind, allocations filled in."""
+        """Every stored object as model dataclasses, by kind, allocations filled in.
+
+        Rows are parsed once per change and the objects cached: callers share them and
+        must not change them (deep-copy to modify)."""
         rows = self.db.execute("SELECT kind, namespace, name, manifest, allocated FROM objects "
                                "ORDER BY kind, namespace, name").fetchall()
         out: Dict[str, list] = {}
-        if not rows:
-            return out
-        doc = {"apiVersion": "v1", "kind": "List", "items": [json.loads(r[3]) for r in rows]}
-        parsed = loads(json.dumps(doc), source="store", strict=False, validate=False)
-        for lo, row in zip(parsed, rows):
-            obj = lo.obj
-            if isinstance(obj, o.Service):
-                _fill_allocations(obj, json.loads(row[4]))
-            out.setdefault(lo.kind, []).append(obj)
+        cache: Dict[Key, tuple] = {}
+        for kind, ns, name, manifest, allocated in rows:
+            key = (kind, ns, name)
+            hit = self._parsed.get(key)
+            if hit is None or hit[0] != manifest or hit[1] != allocated:
+                obj = decode(json.loads(manifest), source="store").obj
+                if isinstance(obj, o.Service):
+                    _fill_allocations(obj, json.loads(allocated))
+                hit = (manifest, allocated, obj)
+            cache[key] = hit
+            out.setdefault(kind, []).append(hit[2])
+        self._parsed = cache
         return out
 
     def generation(self) -> int:

@@ -19,7 +19,7 @@ import io
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Iterable, List, Optional, TextIO, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, TextIO, Tuple, Union
 
 import yaml
 
@@ -115,6 +115,16 @@ def load(paths: Union[str, os.PathLike, Iterable[Union[str, os.PathLike]]], *, s
     if errors:
         raise ManifestError.collect(errors)
     return loaded
+
+
+def decode(doc: Dict[str, Any], *, source: str = "<object>", strict: bool = False, validate: bool = False,
+           default_namespace: str = o.DEFAULT_NAMESPACE) -> LoadedObject:
+    """One manifest already decoded (a dict, e.g. from JSON), as ``load`` would give it;
+    raises ManifestError.  For manifests kproxy stored itself: no YAML parsing."""
+    result = _decode(source, 0, None, doc, strict, validate, default_namespace)
+    if isinstance(result, LoadedObject):
+        return result
+    raise ManifestError.collect(result)
 
 
 def loads(text: str, *, source: str = "<string>", **kwargs: Any) -> List[LoadedObject]:
