@@ -157,6 +157,7 @@ class Zone:
         self.namespaces: List[str] = sorted({normalize(n) for n in namespaces})
         self.nameservers: List[str] = list(nameservers)
         self._by_name: Dict[str, Dict[str, List[Record]]] = {}
+        self._seen: set = set()          # every record once (an rrset can be thousands long)
         for r in records:
             self._add(r)
         self.serial = int(serial) if serial is not None else self._content_serial()
@@ -165,9 +166,9 @@ class Zone:
 
     def _add(self, r: Record) -> None:
         r = Record(normalize(r.name), r.type.upper(), r.data, int(r.ttl))
-        same = self._by_name.setdefault(r.name, {}).setdefault(r.type, [])
-        if r not in same:
-            same.append(r)
+        if r not in self._seen:
+            self._seen.add(r)
+            self._by_name.setdefault(r.name, {}).setdefault(r.type, []).append(r)
 
     def _content_serial(self) -> int:
         """A serial that changes whenever the content does (CoreDNS uses the time of the
