@@ -470,7 +470,7 @@ def _converge(ctx, cluster, store, wait: bool, timeout: float, mark_deleting=())
                 rec._mark_deleting(list(mark_deleting), PassReport())
             report = rec.converge_once(timeout)
         finally:
-            rec.kubelet.close()
+            rec.close()
     for key in report.not_ready:
         pod = cluster.pods.get(key)
         if pod is not None:

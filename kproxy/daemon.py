@@ -166,7 +166,7 @@ class Daemon:
                 self._loop(cluster, store, rec)
             finally:
                 cluster.save()
-                kubelet.close()
+                rec.close()
                 store.close()
                 if self.metrics_server is not None:
                     self.metrics_server.stop()

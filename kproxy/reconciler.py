@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -41,8 +42,9 @@ from kproxy.errors import KproxyError
 from kproxy.kernel import iptables, links
 from kproxy.kubelet import DNS_POD, SYSTEM_ANNOTATION, Kubelet, zone_path
 from kproxy.model import endpoint_slices_for
+from kproxy.model.endpoints import selects
 from kproxy.model import objects as o
-from kproxy.model.loader import loads
+from kproxy.model.loader import decode
 from kproxy.proxier import fingerprints, proxier_for
 from kproxy.store import Store
 
@@ -84,7 +86,7 @@ def with_system_objects(cluster: Cluster, objs: Dict[str, list]) -> Dict[str, li
 
 def parse_pod(manifest: dict) -> o.Pod:
     """A Pod object from its manifest (as kept in a pod's status)."""
-    return loads(json.dumps(manifest), source="pod", strict=False, validate=False)[0].obj
+    return decode(copy.deepcopy(manifest), source="pod").obj
 
 
 def pod_manifest(pod: o.Pod, spec_raw: Optional[dict] = None) -> dict:
@@ -98,10 +100,13 @@ def pod_manifest(pod: o.Pod, spec_raw: Optional[dict] = None) -> dict:
     return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": spec}
 
 
-def write_zone(cluster: Cluster, services, slices, pods) -> str:
-    zone = dns_records.records_for(services, slices, pods, dns_ip=cluster.config.dns_ip(),
+def zone_for(cluster: Cluster, services, slices, pods) -> "dns_records.Zone":
+    return dns_records.records_for(services, slices, pods, dns_ip=cluster.config.dns_ip(),
                                    namespaces=sorted({p.namespace for p in pods} | {"default", "kube-system"}))
-    text = zone.to_json()
+
+
+def write_zone_text(cluster: Cluster, text: str) -> str:
+    """Replace the zone file the DNS pod serves (it reloads it within 0.2 s)."""
     path = zone_path(cluster)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".tmp"
@@ -109,6 +114,10 @@ def write_zone(cluster: Cluster, services, slices, pods) -> str:
         f.write(text)
     os.replace(tmp, path)
     return text
+
+
+def write_zone(cluster: Cluster, services, slices, pods) -> str:
+    return write_zone_text(cluster, zone_for(cluster, services, slices, pods).to_json())
 
 
 # ---- the outside world ---------------------------------------------------------------------
@@ -224,6 +233,15 @@ class Reconciler:
         self.zone_text: Optional[str] = None
         self.services: List[o.Service] = []
         self.slices: List[o.EndpointSlice] = []
+        self.endpoints = EndpointsController()
+        self._pool: Optional[ThreadPoolExecutor] = None      # proxier syncs, one thread per node
+
+    def close(self) -> None:
+        """Stop the kubelet's probe threads and the proxiers' threads."""
+        self.kubelet.close()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     # ---- reading -----------------------------------------------------------------------
     def refresh_store(self) -> bool:
@@ -366,18 +384,14 @@ class Reconciler:
 
     # ---- endpoints, DNS, proxier ----------------------------------------------------------
     def _services_and_slices(self) -> Tuple[List[o.Service], List[o.EndpointSlice]]:
-        return services_and_slices(self.objs, [self.model_pod(p) for p in self.managed()])
+        return self.endpoints.compute(self.objs, [self.model_pod(p) for p in self.managed()])
 
     def _sync_rules(self, report: PassReport, force_full: bool) -> bool:
         """Recompute endpoints and DNS; sync the nodes' rules when they changed and the
         min-sync-period allows.  True if a sync is still owed."""
+        zone_due = self.dirty or force_full
         if self.dirty or force_full:
             self.services, self.slices = self._services_and_slices()
-            pods = [self.model_pod(p) for p in self.managed() if not p.status.get("deleting_at")]
-            zone = dns_records.records_for(self.services, self.slices, pods, dns_ip=self.cluster.config.dns_ip(),
-                                           namespaces=sorted({p.namespace for p in pods} | {"default", "kube-system"}))
-            if zone.to_json() != self.zone_text or force_full:
-                self.zone_text = write_zone(self.cluster, self.services, self.slices, pods)
             prints = fingerprints(self.services, self.slices)
             if prints != self.prints:
                 self.owed = True
@@ -390,18 +404,39 @@ class Reconciler:
             self.trigger_time = None
             self.prints_wanted = prints
             self.dirty = False
+        owed = self._sync_proxiers(report)
+        if zone_due:            # after the rules: kube-proxy's work is not held up by the DNS zone
+            pods = [self.model_pod(p) for p in self.managed() if not p.status.get("deleting_at")]
+            zone = zone_for(self.cluster, self.services, self.slices, pods).to_json()
+            if zone != self.zone_text or force_full:
+                self.zone_text = write_zone_text(self.cluster, zone)
+        return owed
+
+    def _sync_proxiers(self, report: PassReport) -> bool:
         if not self.owed:
             return False
         if time.monotonic() - self.last_sync < self.min_sync_period:
             return True
         prints = self.prints_wanted
         full = self.want_full
-        for node in self.cluster.nodes:
+        proxiers = [proxier_for(self.cluster, node) for node in self.cluster.nodes]
+
+        def sync(proxier):
             t = time.monotonic()
-            kind = proxier_for(self.cluster, node).sync(self.services, self.slices, prints, force_full=full)
-            report.syncs[node.name] = kind
+            kind = proxier.sync(self.services, self.slices, prints, force_full=full)
+            return proxier.node.name, kind, time.monotonic() - t
+        # one kube-proxy per node, as on a cluster: the nodes sync side by side (each
+        # proxier works in its own node's namespace and keeps its own state)
+        if len(proxiers) > 1:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=min(8, len(proxiers)), thread_name_prefix="proxier")
+            results = list(self._pool.map(sync, proxiers))
+        else:
+            results = [sync(p) for p in proxiers]
+        for node, kind, seconds in results:
+            report.syncs[node] = kind
             if self.on_sync:
-                self.on_sync(node.name, kind, time.monotonic() - t, self.pending_since)
+                self.on_sync(node, kind, seconds, self.pending_since)
         self.last_sync = time.monotonic()
         self.prints = prints
         self.pending_since = None
@@ -541,7 +576,7 @@ def converge(cluster: Cluster, store: Store, timeout: float = READY_TIMEOUT) -> 
     try:
         return rec.converge_once(timeout)
     finally:
-        rec.kubelet.close()
+        rec.close()
 
 
 def services_and_slices(objs: Dict[str, list], pods: List[o.Pod]) -> Tuple[List[o.Service], List[o.EndpointSlice]]:
@@ -559,6 +594,53 @@ def services_and_slices(objs: Dict[str, list], pods: List[o.Pod]) -> Tuple[List[
         if svc.selector:
             slices.extend(endpoint_slices_for(svc, by_ns.get(svc.namespace, []), None))
     return services, slices
+
+
+class EndpointsController:
+    """services_and_slices, keeping each Service's slices from one pass to the next and
+    recomputing only those of Services that changed (a new object from the store) or
+    that select a pod that changed (added, removed, relabelled, readiness, deletion):
+    with 1,000 Services, one new Service costs one computation, not 1,000."""
+
+    def __init__(self):
+        self._pods: Dict[str, tuple] = {}                        # pod key -> signature
+        self._slices: Dict[Tuple[str, str], Tuple[o.Service, List[o.EndpointSlice]]] = {}
+
+    @staticmethod
+    def _signature(p: o.Pod) -> tuple:
+        ports = tuple((cp.name, cp.container_port, cp.protocol) for c in p.spec.containers for cp in c.ports)
+        return (p.namespace, tuple(sorted(p.labels.items())), tuple(p.pod_ips), p.status.phase,
+                p.status.condition("Ready"), p.metadata.deletion_timestamp, p.spec.node_name, ports)
+
+    def compute(self, objs: Dict[str, list], pods: List[o.Pod]) -> Tuple[List[o.Service], List[o.EndpointSlice]]:
+        sigs = {f"{p.namespace}/{p.name}": self._signature(p) for p in pods}
+        touched: List[Tuple[str, Dict[str, str]]] = []          # (namespace, labels) of changed pods
+        for key in set(sigs) | set(self._pods):
+            if sigs.get(key) != self._pods.get(key):
+                for sig in (sigs.get(key), self._pods.get(key)):
+                    if sig is not None:
+                        touched.append((sig[0], dict(sig[1])))
+        self._pods = sigs
+        services = objs.get("Service", [])
+        slices: List[o.EndpointSlice] = list(objs.get("EndpointSlice", []))
+        for eps in objs.get("Endpoints", []):
+            slices.extend(eps.to_endpoint_slices())
+        by_ns: Dict[str, List[o.Pod]] = {}
+        for p in pods:
+            by_ns.setdefault(p.namespace, []).append(p)
+        kept: Dict[Tuple[str, str], Tuple[o.Service, List[o.EndpointSlice]]] = {}
+        for svc in services:
+            if not svc.selector:
+                continue
+            key = (svc.namespace, svc.name)
+            cached = self._slices.get(key)
+            if cached is None or cached[0] is not svc or any(
+                    ns == svc.namespace and selects(svc.selector, labels) for ns, labels in touched):
+                cached = (svc, endpoint_slices_for(svc, by_ns.get(svc.namespace, []), None))
+            kept[key] = cached
+            slices.extend(cached[1])
+        self._slices = kept
+        return services, slices
 
 
 def current_view(cluster: Cluster, store: Store):
