@@ -198,6 +198,12 @@ class Cluster:
         self.journal.record("netns", name=name)
         netns.create(name)
 
+    def build_infrastructure(self) -> None:
+        """Make the underlay, the external client and the nodes (again, after a reboot
+        took their namespaces): what `up` builds before any pod."""
+        with state.locked(self.dir):
+            self._build()
+
     def _build(self) -> None:
         cfg = self.config
         plen = cfg.node_prefixlen()

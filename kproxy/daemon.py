@@ -66,7 +66,16 @@ def reconciler_lock(cluster_dir: str, *, role: str, blocking: bool = False) -> I
                             raise
                         time.sleep(0.05)
             else:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                # a moment's grace: `holder()` in another command takes the lock shared
+                # for an instant to look
+                for attempt in range(20):
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except OSError as e:
+                        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN) or attempt == 19:
+                            raise
+                        time.sleep(0.05)
         except OSError as e:
             if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
                 raise
@@ -175,6 +184,7 @@ class Daemon:
     def _loop(self, cluster, store, rec) -> None:
         last_full = float("-inf")
         settled_rev = (store.get_meta("settled") or {}).get("revision")
+        last_refused: list = []
         while not self._stop.is_set():
             started = time.monotonic()
             full = started - last_full >= self.sync_period
@@ -195,8 +205,10 @@ class Daemon:
                 log.info("pod %s created", key)
             for key in report.deleted:
                 log.info("pod %s deleting", key)
-            for line in report.quota_refused:
-                log.warning("quota: could not create %s", line)
+            if report.quota_refused != last_refused:       # said once, not every pass
+                for line in report.quota_refused:
+                    log.warning("quota: could not create %s", line)
+                last_refused = report.quota_refused
             if not report.settled:
                 log.debug("pass %d: not settled: %s", self.passes, ", ".join(report.busy))
             if report.settled and report.revision != settled_rev:

@@ -80,7 +80,7 @@ def rebuild(cluster: Cluster, report: RecoveryReport) -> None:
     if os.path.exists(dns_zone):
         os.remove(dns_zone)
     cluster.proxy_state.clear()
-    cluster._build()
+    cluster.build_infrastructure()
     cluster.save()
     report.rebuilt = True
 

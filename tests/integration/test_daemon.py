@@ -188,6 +188,16 @@ def test_drift_is_repaired_within_the_sync_period(cluster, daemon, tmp_path):
     wait_for("served by both", lambda: len(probe(c, client.netns, vip, 8080, n=20)["pods"]) == 2, timeout=20)
     assert "lost its namespace" in daemon.output()
 
+    # 4. a pod's veth is deleted on its node: the pod is made again
+    from cni.bridge import host_veth_name
+    victim = next(p for p in fresh(cluster).pods.values() if p.name.startswith("web-"))
+    c = fresh(cluster)
+    c.exec_in(c.node(victim.node).netns, ["ip", "link", "del", host_veth_name(victim.container_id, "eth0")],
+              check=True)
+    wait_for("the pod replaced", lambda: victim.key not in fresh(cluster).pods, timeout=30)
+    wait_for("served by two again", lambda: len(probe(c, client.netns, vip, 8080, n=20)["pods"]) == 2, timeout=30)
+    assert "lost its interface" in daemon.output()
+
 
 def test_kill_9_and_restart_adopt_without_duplicates(cluster, tmp_path):
     d = Daemon(cluster.name, tmp_path)
@@ -349,7 +359,61 @@ def test_namespaces_cascade_and_quota(cluster, daemon, tmp_path):
     assert "two" not in {s["metadata"]["name"] for s in _services(cluster)}
     out = cli(cluster, "get", "pods", "-n", "team", check=True).stdout
     assert "web-" in out
+    # a pods quota: the Deployment's third replica is not created (the ReplicaSet controller's refusal)
+    apply_text(cluster, tmp_path, """
+        apiVersion: v1
+        kind: ResourceQuota
+        metadata: {name: few-pods, namespace: team}
+        spec: {hard: {pods: "2"}}
+    """, "--wait")
+    cli(cluster, "scale", "deployment/web", "--replicas", "3", "-n", "team", "--wait", check=True)
+    wait_for("the refusal logged", lambda: "quota: could not create team: 1 pod(s)" in daemon.output())
+    assert len([p for p in fresh(cluster).pods.values() if p.namespace == "team"]) == 2
+    rows = cli(cluster, "get", "deployments", "-n", "team", check=True).stdout
+    assert "2/3" in rows, rows
     res = cli(cluster, "delete", "namespace", "team", "--wait", check=True)
     assert 'namespace "team" deleted' in res.stdout
     wait_for("team's pods gone", lambda: not any(p.namespace == "team" for p in fresh(cluster).pods.values()))
     assert "web" not in {s["metadata"]["name"] for s in _services(cluster) if s["metadata"]["namespace"] == "team"}
+
+
+def test_kill_9_at_random_moments_then_one_clean_convergence(cluster, tmp_path):
+    """Kill the daemon at arbitrary moments of its work (creating pods, syncing rules,
+    deleting pods) five times over; the sixth daemon converges to exactly the store:
+    the right pods, one process per container, no namespace or process nobody owns."""
+    import random
+    rng = random.Random(11)
+    replicas = [5, 2, 6, 3, 4]
+    for i, n in enumerate(replicas):
+        d = Daemon(cluster.name, tmp_path)
+        try:
+            apply_text(cluster, tmp_path, deployment("web", n) + service("web", 8080, 80) +
+                       service(f"extra{i}", 80, 80, selector={"app": "web"}))
+            time.sleep(rng.uniform(0.05, 1.5))
+        finally:
+            d.stop(signal.SIGKILL)
+    d = Daemon(cluster.name, tmp_path)
+    try:
+        wait_for("settled on the last apply (one revision per apply)",
+                 lambda: (d.meta("settled") or {}).get("revision", 0) >= len(replicas) and
+                 sum(1 for p in fresh(cluster).pods.values() if p.name.startswith("web-")) == replicas[-1],
+                 timeout=90)
+        c = fresh(cluster)
+        web = [p for p in c.pods.values() if p.name.startswith("web-")]
+        assert len(web) == replicas[-1] and all(p.status.get("ready") for p in web), \
+            [(p.name, p.status.get("reason")) for p in web]
+        ours = {c.underlay_ns, c.external_ns} | {n.netns for n in c.nodes} | {p.netns for p in c.pods.values()}
+        assert set(c.journal.live_namespaces()) == ours, "no namespace nobody owns, none missing"
+        for p in c.pods.values():
+            if p.status.get("managed"):
+                assert len(c.processes_of(p)) == len(p.status["containers"]), p.key
+        recorded = {(x["pid"], x["started"]) for p in c.pods.values() for x in p.status.get("containers", [])
+                    if "pid" in x}
+        stray = [pid for pid, started in c.journal.live_processes()
+                 if process.alive(pid, started) and (pid, started) not in recorded]
+        assert not stray, f"processes nobody records: {stray}"
+        _, client = client_pod(cluster)
+        vip = next(s for s in _services(cluster) if s["metadata"]["name"] == "web")["spec"]["clusterIP"]
+        assert len(probe(fresh(cluster), client.netns, vip, 8080, n=40)["pods"]) == replicas[-1]
+    finally:
+        d.stop()
