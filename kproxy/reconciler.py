@@ -582,18 +582,8 @@ def converge(cluster: Cluster, store: Store, timeout: float = READY_TIMEOUT) -> 
 def services_and_slices(objs: Dict[str, list], pods: List[o.Pod]) -> Tuple[List[o.Service], List[o.EndpointSlice]]:
     """The endpoints controller: the Services, and the EndpointSlices it keeps for them
     from ``pods`` (with their Ready condition and deletion timestamp), plus slices and
-    Endpoints applied by hand."""
-    services = objs.get("Service", [])
-    slices: List[o.EndpointSlice] = list(objs.get("EndpointSlice", []))
-    for eps in objs.get("Endpoints", []):
-        slices.extend(eps.to_endpoint_slices())
-    by_ns: Dict[str, List[o.Pod]] = {}
-    for p in pods:
-        by_ns.setdefault(p.namespace, []).append(p)
-    for svc in services:
-        if svc.selector:
-            slices.extend(endpoint_slices_for(svc, by_ns.get(svc.namespace, []), None))
-    return services, slices
+    Endpoints applied by hand (a controller with no memory computes every Service)."""
+    return EndpointsController().compute(objs, pods)
 
 
 class EndpointsController:
