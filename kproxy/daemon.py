@@ -172,6 +172,8 @@ class Daemon:
             try:
                 for line in recover.adopt(cluster, kubelet, rec.spec_of).lines():
                     log.warning("%s", line)
+                # the predecessor may have died mid-sync: the first sync rewrites everything
+                rec.owed = rec.want_full = True
                 self._loop(cluster, store, rec)
             finally:
                 cluster.save()
@@ -191,7 +193,7 @@ class Daemon:
             if full:
                 self._repair_sandboxes(cluster, rec)
             try:
-                report = rec.pass_once(force_full=full)
+                report = rec.pass_once(check=full)
             except KproxyError as e:
                 log.error("pass failed: %s", e)
                 self._count("kproxy_reconcile_errors_total")
@@ -214,12 +216,15 @@ class Daemon:
             if report.settled and report.revision != settled_rev:
                 settled_rev = report.revision
                 store.set_meta("settled", {"revision": report.revision, "time": time.time(), "pid": os.getpid()})
+            if report.drift:
+                log.warning("a node's rules had changed behind kproxy's back: rewritten in full")
+                self._count("kproxy_drift_repairs_total", what="rules")
             self._sleep(store, rec, report.settled)
 
     def _sleep(self, store, rec, settled: bool) -> None:
         """Until the next pass: the interval, cut short by a change to the store."""
         deadline = time.monotonic() + (self.interval if settled else min(self.interval, 0.05))
-        version = store.data_version()
+        version = rec.data_version        # what the pass read: a commit during the pass wakes at once
         while not self._stop.is_set() and time.monotonic() < deadline:
             if store.data_version() != version:
                 return

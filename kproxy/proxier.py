@@ -50,6 +50,12 @@ class Proxier:
         before: Dict[str, str] = self.state.get("fingerprints", {})
         return {k for k in set(before) | set(prints) if before.get(k) != prints.get(k)}
 
+    def drifted(self, services, slices) -> bool:
+        """Whether the node's rules differ from what they should be (someone flushed or
+        edited them); the periodic check rewrites everything only then.  A mode without
+        a cheap check says True: its periodic check is a full resync."""
+        return True
+
     def forget(self) -> None:
         self.cluster.proxy_state.get("nodes", {}).pop(self.node.name, None)
 
@@ -94,6 +100,22 @@ class IptablesProxier(Proxier):
         return "full" if changed is None else "partial"
 
 
+    def drifted(self, services, slices) -> bool:
+        """Compare the node's tables with a full render, chain by chain, by the number of
+        rules in each kube-proxy chain, and look for every jump from the built-in chains.
+        (iptables-save spells rules its own way, so rules are counted, not compared: a
+        flushed or deleted rule is found, a rule edited in place is not.)"""
+        if not self.state.get("synced"):
+            return True
+        want = _rule_counts(render_payload(services, slices, self.settings, changed=None,
+                                           existing_chains=set()).text)
+        text = self.ruleset()
+        have = _rule_counts(text)
+        if any(have.get(key, 0) != n for key, n in want.items()):
+            return True
+        jumps = {(t, c, target) for t, c, target in _jumps(text)}
+        return any((j.table, j.chain, j.target) not in jumps for j in all_jump_rules())
+
     def ruleset(self) -> str:
         """What the node holds now: iptables-save of nat and filter (for trace and explain)."""
         ns = self.node.netns
@@ -116,6 +138,32 @@ class IptablesProxier(Proxier):
             lines += [f"*{table}"] + [f":{c} - [0:0]" for c in chains] + [f"-X {c}" for c in chains] + ["COMMIT"]
         iptables.restore(ns, "\n".join(lines) + "\n", self.flavour)
         self.forget()
+
+
+def _rule_counts(text: str) -> Dict[tuple, int]:
+    """(table, chain) -> number of rules, for kube-proxy's chains in iptables-save or
+    iptables-restore text."""
+    counts: Dict[tuple, int] = {}
+    table = ""
+    for line in text.splitlines():
+        if line.startswith("*"):
+            table = line[1:].strip()
+        elif line.startswith(":KUBE-"):
+            counts.setdefault((table, line[1:].split()[0]), 0)
+        elif line.startswith("-A KUBE-"):
+            key = (table, line.split()[1])
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def _jumps(text: str):
+    """(table, built-in chain, target) of each jump to a KUBE- chain in iptables-save text."""
+    table = ""
+    for line in text.splitlines():
+        if line.startswith("*"):
+            table = line[1:].strip()
+        elif line.startswith("-A ") and not line.startswith("-A KUBE-") and " -j KUBE-" in line:
+            yield table, line.split()[1], line.rsplit(" -j ", 1)[1].split()[0]
 
 
 _NFT_TABLES: dict = {}      # netns -> the kproxy.proxy.nftables.Table the kernel holds

@@ -186,6 +186,8 @@ class PassReport:
     syncs: Dict[str, str] = field(default_factory=dict)     # node -> "full", "partial" or "none"
     settled: bool = False
     busy: List[str] = field(default_factory=list)            # why it is not settled
+    checked: bool = False              # the periodic drift check ran
+    drift: bool = False                # and found a node's rules changed behind its back
     revision: int = 0                  # the store revision this pass worked from
     quota_refused: List[str] = field(default_factory=list)
 
@@ -217,7 +219,7 @@ class Reconciler:
         self.drain = drain
         self.on_sync = on_sync
         self.objs: Dict[str, list] = {}
-        self._data_version: Optional[Tuple[int, int]] = None
+        self.data_version: Optional[Tuple[int, int]] = None     # the store version the objects are from
         self.revision = 0
         self.revision_time: Optional[float] = None      # wall time of the newest store change seen
         self.started = time.time()
@@ -230,6 +232,7 @@ class Reconciler:
         self.prints_wanted: Dict[str, str] = {}              # what they should be synced from next
         self.want_full = False                               # the next sync rewrites everything
         self.owed = False                                    # a sync is due (batched by min_sync_period)
+        self.check_due = False                               # the periodic drift check is due
         self.zone_text: Optional[str] = None
         self.services: List[o.Service] = []
         self.slices: List[o.EndpointSlice] = []
@@ -247,9 +250,9 @@ class Reconciler:
     def refresh_store(self) -> bool:
         """Re-read the store when it changed since the last pass; True if it did."""
         version = self.store.data_version()
-        if version == self._data_version and self.objs:
+        if version == self.data_version and self.objs:
             return False
-        self._data_version = version
+        self.data_version = version
         self.objs = with_system_objects(self.cluster, self.store.objects())
         self.revision, self.revision_time = self.store.revision()
         if self.revision_time is not None and self.revision_time >= self.started and self.trigger_time is None:
@@ -386,11 +389,11 @@ class Reconciler:
     def _services_and_slices(self) -> Tuple[List[o.Service], List[o.EndpointSlice]]:
         return self.endpoints.compute(self.objs, [self.model_pod(p) for p in self.managed()])
 
-    def _sync_rules(self, report: PassReport, force_full: bool) -> bool:
+    def _sync_rules(self, report: PassReport, check: bool) -> bool:
         """Recompute endpoints and DNS; sync the nodes' rules when they changed and the
         min-sync-period allows.  True if a sync is still owed."""
-        zone_due = self.dirty or force_full
-        if self.dirty or force_full:
+        zone_due = self.dirty
+        if self.dirty or check:
             self.services, self.slices = self._services_and_slices()
             prints = fingerprints(self.services, self.slices)
             if prints != self.prints:
@@ -399,8 +402,8 @@ class Reconciler:
                     # network programming latency counts from the change that asked for it:
                     # a store write, else now (a pod turned Ready or went away)
                     self.pending_since = self.trigger_time or time.time()
-            if force_full:
-                self.owed = self.want_full = True
+            if check:
+                self.check_due = True
             self.trigger_time = None
             self.prints_wanted = prints
             self.dirty = False
@@ -408,36 +411,67 @@ class Reconciler:
         if zone_due:            # after the rules: kube-proxy's work is not held up by the DNS zone
             pods = [self.model_pod(p) for p in self.managed() if not p.status.get("deleting_at")]
             zone = zone_for(self.cluster, self.services, self.slices, pods).to_json()
-            if zone != self.zone_text or force_full:
+            if zone != self.zone_text:
                 self.zone_text = write_zone_text(self.cluster, zone)
+        elif check and self.zone_text is not None and _read(zone_path(self.cluster)) != self.zone_text:
+            self.zone_text = write_zone_text(self.cluster, self.zone_text)     # the file was changed by hand
         return owed
 
+    def _check_drift(self, proxiers) -> bool:
+        """The periodic check: does any node's kernel state differ from what it should
+        hold?  (A mode without a cheap check answers yes: its check is a full resync.)"""
+        def drifted(proxier):
+            try:
+                return proxier.drifted(self.services, self.slices)
+            except KproxyError as e:
+                log.warning("checking %s's rules: %s", proxier.node.name, e)
+                return True
+        found = [p.node.name for p, d in zip(proxiers, self._map(drifted, proxiers)) if d]
+        if found:
+            log.info("rules to rewrite in full on %s", ", ".join(found))
+        return bool(found)
+
+    def _map(self, fn, items):
+        """fn over items: side by side when there are several (one thread per node)."""
+        if len(items) < 2:
+            return [fn(i) for i in items]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=min(8, len(items)), thread_name_prefix="proxier")
+        return list(self._pool.map(fn, items))
+
     def _sync_proxiers(self, report: PassReport) -> bool:
+        proxiers = [proxier_for(self.cluster, node) for node in self.cluster.nodes]
+        if self.check_due and not self.owed:
+            self.check_due = False
+            report.checked = True
+            if self._check_drift(proxiers):
+                self.owed = self.want_full = True
+                report.drift = True
+            else:
+                announce_load_balancers(self.cluster, self.services, self.slices, force=True)
         if not self.owed:
             return False
         if time.monotonic() - self.last_sync < self.min_sync_period:
             return True
         prints = self.prints_wanted
         full = self.want_full
-        proxiers = [proxier_for(self.cluster, node) for node in self.cluster.nodes]
+        if self.check_due:           # a sync is owed anyway: make it the full one
+            full, self.check_due = True, False
+            report.checked = True
 
         def sync(proxier):
             t = time.monotonic()
             kind = proxier.sync(self.services, self.slices, prints, force_full=full)
             return proxier.node.name, kind, time.monotonic() - t
         # one kube-proxy per node, as on a cluster: the nodes sync side by side (each
-        # proxier works in its own node's namespace and keeps its own state)
-        if len(proxiers) > 1:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(max_workers=min(8, len(proxiers)), thread_name_prefix="proxier")
-            results = list(self._pool.map(sync, proxiers))
-        else:
-            results = [sync(p) for p in proxiers]
+        # proxier works in its own node's namespace and keeps its own state).  The
+        # min-sync-period counts from the start of a sync, as kube-proxy's runner does.
+        self.last_sync = time.monotonic()
+        results = self._map(sync, proxiers)
         for node, kind, seconds in results:
             report.syncs[node] = kind
             if self.on_sync:
                 self.on_sync(node, kind, seconds, self.pending_since)
-        self.last_sync = time.monotonic()
         self.prints = prints
         self.pending_since = None
         self.owed = self.want_full = False
@@ -459,7 +493,9 @@ class Reconciler:
         return False
 
     # ---- the pass ------------------------------------------------------------------------
-    def pass_once(self, force_full: bool = False) -> PassReport:
+    def pass_once(self, check: bool = False) -> PassReport:
+        """One pass of every controller; ``check``: also the periodic drift check (the
+        nodes' rules against what they should be, the LoadBalancer routes, the zone file)."""
         report = PassReport()
         self.refresh_store()
         report.revision = self.revision
@@ -485,7 +521,7 @@ class Reconciler:
                 self.dirty = changed = True
             if not pod.status.get("ready") and _may_become_ready(pod, now):
                 starting = True
-        owed = self._sync_rules(report, force_full)
+        owed = self._sync_rules(report, check)
         waiting = self._finish_deletions()
         if report.created or report.deleted or report.syncs or changed:
             self.cluster.save()
@@ -547,6 +583,14 @@ def _model_pod(pod: Pod, spec: o.Pod) -> o.Pod:
     out.status = o.PodStatus(phase=pod.status.get("phase", "Running"), pod_ip=pod.ip, pod_ips=[pod.ip],
                              conditions=[{"type": "Ready", "status": "True" if pod.status.get("ready") else "False"}])
     return out
+
+
+def _read(path: str) -> Optional[str]:
+    try:
+        with open(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
 
 
 def pod_view(pod: Pod) -> "deployments.PodView":

@@ -168,6 +168,7 @@ def test_drift_is_repaired_within_the_sync_period(cluster, daemon, tmp_path):
     c.exec_in(c.node("node1").netns, ["iptables", "-t", "nat", "-F"], check=True)
     assert probe(c, client.netns, vip, 8080, timeout=0.5)["errors"], "the flush took the rules away"
     wait_for("rules back", lambda: not probe(c, client.netns, vip, 8080, timeout=0.5)["errors"], timeout=20)
+    assert "rules had changed behind kproxy's back" in daemon.output()
 
     # 2. a pod's process is killed: the kubelet restarts it (restartPolicy Always)
     pod = next(p for p in fresh(cluster).pods.values() if p.name.startswith("web-"))

@@ -449,3 +449,24 @@ def test_proxier_cleanup_leaves_nothing(lab):
     for table in ("nat", "filter"):
         left = [ln for ln in lab.rules(table=table).splitlines() if "KUBE-" in ln]
         assert left == [], left
+
+
+def test_the_periodic_check_finds_drift_only_when_there_is_some(make_cluster, tmp_path):
+    """iptables mode: the daemon's periodic check compares each node's tables with a full
+    render and rewrites them only when they differ (a flushed chain, a deleted jump)."""
+    from kproxy.proxier import proxier_for
+    from kproxy.reconciler import current_view
+    lab = Lab(make_cluster(nodes=2), tmp_path)
+    try:
+        lab.apply(deployment("web", 3) + service("web", 8080, 80, type_="NodePort") + service("lone", 80, 80))
+        services, slices = current_view(lab.c, lab.store)
+        for node in lab.c.nodes:
+            assert not proxier_for(lab.c, node).drifted(services, slices), node.name
+        ns1, ns2 = lab.c.node("node1").netns, lab.c.node("node2").netns
+        lab.c.exec_in(ns1, ["iptables", "-t", "nat", "-F", "KUBE-SERVICES"], check=True)
+        lab.c.exec_in(ns2, ["iptables", "-t", "filter", "-D", "FORWARD", "-m", "comment", "--comment",
+                            "kubernetes forwarding rules", "-j", "KUBE-FORWARD"], check=True)
+        assert proxier_for(lab.c, lab.c.node("node1")).drifted(services, slices)
+        assert proxier_for(lab.c, lab.c.node("node2")).drifted(services, slices)
+    finally:
+        lab.store.close()
