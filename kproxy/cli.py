@@ -114,9 +114,19 @@ def down(ctx):
     name = _cluster_name(ctx)
     if not os.path.isdir(state.cluster_dir(name)):
         raise KproxyError(f"cluster {name!r} does not exist")
+    _no_daemon(name)
     report = clean_cluster(name)
     click.echo(report.summary())
     sys.exit(0 if report.ok else 1)
+
+
+def _no_daemon(name: str) -> None:
+    """A running daemon would make again what a cleanup removes: stop it first."""
+    from kproxy.daemon import holder
+    who = holder(state.cluster_dir(name))
+    if who:
+        raise KproxyError(f"cluster {name!r} is managed by a running reconciler ({who}): "
+                          "stop it first (Ctrl-C, or `systemctl stop kproxy`)")
 
 
 @main.command()
@@ -130,6 +140,7 @@ def clean(ctx, all_clusters):
     names = state.known_clusters() if all_clusters else [_cluster_name(ctx)]
     ok = True
     for name in names:
+        _no_daemon(name)
         report = clean_cluster(name)
         click.echo(report.summary())
         ok = ok and report.ok

@@ -156,6 +156,9 @@ def test_a_second_reconciler_is_refused(cluster, daemon, tmp_path):
     assert "another reconciler holds the cluster" in res.stderr and str(daemon.proc.pid) in res.stderr
     res = cli(cluster, "proxy-mode", "set", "nftables")
     assert res.returncode == 1 and "another reconciler" in res.stderr
+    res = cli(cluster, "down")
+    assert res.returncode == 1 and "stop it first" in res.stderr
+    assert os.path.exists(f"/run/netns/{cluster.nodes[0].netns}"), "down refused and left the cluster alone"
 
 
 def test_drift_is_repaired_within_the_sync_period(cluster, daemon, tmp_path):
