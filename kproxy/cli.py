@@ -489,6 +489,22 @@ def _converge(ctx, cluster, store, wait: bool, timeout: float, mark_deleting=())
     return report
 
 
+def _check_node_names(cluster, loaded) -> None:
+    """A Pod (or a Deployment's template) pinned with spec.nodeName to a node this
+    cluster does not have would never start: refuse it before anything is stored."""
+    from kproxy.model import objects as o
+    nodes = {n.name for n in cluster.nodes}
+    for lo in loaded:
+        obj = lo.obj
+        spec, path = ((obj.spec, "spec.nodeName") if isinstance(obj, o.Pod) else
+                      (obj.template.spec, "spec.template.spec.nodeName") if isinstance(obj, o.Deployment) else
+                      (None, ""))
+        if spec is not None and spec.node_name and spec.node_name not in nodes:
+            raise KproxyError(f'{lo.source}: document {lo.doc_index}: {lo.kind} {obj.namespace}/{obj.name}: '
+                              f'{path}: Invalid value: "{spec.node_name}": cluster {cluster.name!r} has no such '
+                              f'node (nodes: {", ".join(sorted(nodes))}); nothing was applied')
+
+
 WAIT_OPTION = click.option("--wait/--no-wait", default=False, show_default=True,
                            help="With a daemon running: wait until the change is in effect.")
 TIMEOUT_OPTION = click.option("--timeout", type=float, default=120.0, show_default=True,
@@ -517,6 +533,7 @@ def apply(ctx, files, validate, namespace, wait, timeout):
     """
     cluster = _open(ctx)
     loaded = _load_manifests(files, validate, namespace)
+    _check_node_names(cluster, loaded)
     store = _store(cluster)
     try:
         result = store.apply(loaded)

@@ -199,6 +199,11 @@ class Daemon:
                 self._count("kproxy_reconcile_errors_total")
                 self._stop.wait(1.0)
                 continue
+            except Exception:              # a daemon keeps going; the next pass starts from what exists
+                log.exception("pass failed")
+                self._count("kproxy_reconcile_errors_total")
+                self._stop.wait(1.0)
+                continue
             if full:
                 last_full = time.monotonic()
             self.passes += 1

@@ -238,6 +238,7 @@ class Reconciler:
         self.slices: List[o.EndpointSlice] = []
         self.endpoints = EndpointsController()
         self._pool: Optional[ThreadPoolExecutor] = None      # proxier syncs, one thread per node
+        self.failed: Dict[str, str] = {}                     # pod key -> why it could not be created
 
     def close(self) -> None:
         """Stop the kubelet's probe threads and the proxiers' threads."""
@@ -324,6 +325,9 @@ class Reconciler:
                 create[f"{pod.namespace}/{pod.name}"] = spec
                 taken.add(f"{pod.namespace}/{pod.name}")
                 pods_in_ns[dep.namespace] = pods_in_ns.get(dep.namespace, 0) + 1
+        progress_of = self.cluster.proxy_state.get("deployments", {})
+        for key in [k for k in progress_of if k not in deps]:     # a deleted Deployment's record goes too
+            del progress_of[key]
         return create, delete, refused
 
     def _view(self, pod: Pod) -> "deployments.PodView":
@@ -340,15 +344,19 @@ class Reconciler:
             specs.append((p.name, p.namespace, p.spec.node_name or None, dict(p.labels), status))
         try:
             made = self.cluster.add_pods(specs)
-        except KproxyError as e:
+        except KproxyError:
             # one bad pod (a nodeName that does not exist...) must not stop the others
-            log.error("creating pods: %s; creating them one by one", e)
             made = []
             for spec in specs:
+                key = spec[4].get("owner") or f"{spec[1]}/{spec[0]}"      # a Deployment's, or the Pod's
                 try:
                     made += self.cluster.add_pods([spec])
-                except KproxyError as e1:
-                    log.error("pod %s/%s: %s", spec[1], spec[0], e1)
+                    self.failed.pop(key, None)
+                except KproxyError as e:
+                    reason = str(e).replace(spec[0], "<pod>")
+                    if self.failed.get(key) != reason:        # said once, not every pass
+                        log.error("a pod of %s cannot be created: %s", key, e)
+                    self.failed[key] = reason
         for pod in made:
             self.kubelet.start(pod, parse_pod(manifests[pod.key]))
             pod.status["spec"] = manifests[pod.key]
@@ -527,7 +535,7 @@ class Reconciler:
             self.cluster.save()
         # settled: nothing was done or is on its way (a readiness change may let a
         # rollout take its next step, so it needs one more pass to tell)
-        report.busy = [what for what, flag in (("creating pods", create), ("deleting pods", delete),
+        report.busy = [what for what, flag in (("creating pods", report.created), ("deleting pods", delete),
                                                ("pod status changed", changed), ("pods starting", starting),
                                                ("sync owed", owed), ("pods terminating", waiting)) if flag]
         report.settled = not report.busy

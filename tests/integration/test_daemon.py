@@ -421,3 +421,15 @@ def test_kill_9_at_random_moments_then_one_clean_convergence(cluster, tmp_path):
         assert len(probe(fresh(cluster), client.netns, vip, 8080, n=40)["pods"]) == replicas[-1]
     finally:
         d.stop()
+
+
+def test_a_pod_pinned_to_a_missing_node_is_refused_at_apply(cluster, tmp_path):
+    res = apply_text(cluster, tmp_path, """
+        apiVersion: v1
+        kind: Pod
+        metadata: {name: lost}
+        spec: {nodeName: node9, containers: [{name: c, image: nginx}]}
+    """, check=False)
+    assert res.returncode == 1
+    assert 'Pod default/lost: spec.nodeName: Invalid value: "node9"' in res.stderr, res.stderr
+    assert "nodes: node1, node2" in res.stderr and "lost" not in cli(cluster, "get", "pods", check=True).stdout
