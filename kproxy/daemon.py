@@ -151,7 +151,6 @@ class Daemon:
         self._stop.set()
 
     def run(self, install_signals: bool = True) -> None:
-        from kproxy.kubelet import Kubelet
         from kproxy.reconciler import Reconciler, open_store
         from kproxy import recover
 
@@ -164,13 +163,13 @@ class Daemon:
             cluster = Cluster.open(self.cluster_name)      # re-read under the lock
             cluster.reconciler = True
             store = open_store(cluster)
-            kubelet = Kubelet(cluster, backoff_base=self.backoff_base)
             self._setup_metrics(cluster)
-            rec = Reconciler(cluster, store, kubelet=kubelet, min_sync_period=self.min_sync_period,
+            rec = Reconciler(cluster, store, kubelet_options={"backoff_base": self.backoff_base},
+                             min_sync_period=self.min_sync_period,
                              on_sync=self._on_sync)
             store.set_meta("daemon", {"pid": os.getpid(), "started": time.time(), "metrics": self.metrics_url})
             try:
-                for line in recover.adopt(cluster, kubelet, rec.spec_of).lines():
+                for line in recover.adopt(cluster, rec.kubelet_for, rec.spec_of).lines():
                     log.warning("%s", line)
                 # the predecessor may have died mid-sync: the first sync rewrites everything
                 rec.owed = rec.want_full = True
@@ -255,7 +254,7 @@ class Daemon:
             if broken:
                 log.warning("pod %s lost its %s: recreating it", pod.key, broken)
                 self._count("kproxy_drift_repairs_total", what=f"pod_{broken}")
-                rec.kubelet.stop(pod)
+                rec.kubelet_for(pod).stop(pod)
                 try:
                     cluster.delete_pod(pod.name, pod.namespace)
                 except Exception as e:          # what is left is for `kproxy clean`
@@ -327,7 +326,7 @@ class DaemonMetrics:
         if restarts > self._restarts:
             m.container_restarts_total.inc(restarts - self._restarts)
         self._restarts = restarts
-        counters = getattr(rec.kubelet, "counters", {}) or {}
+        counters = rec.probe_counters
         for key, value in counters.items():
             if not (isinstance(key, tuple) and len(key) == 2):
                 continue

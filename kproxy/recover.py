@@ -85,9 +85,10 @@ def rebuild(cluster: Cluster, report: RecoveryReport) -> None:
     report.rebuilt = True
 
 
-def adopt(cluster: Cluster, kubelet, spec_of) -> RecoveryReport:
+def adopt(cluster: Cluster, kubelet_for, spec_of) -> RecoveryReport:
     """Bring the records and what exists back in line (see the module docstring).
-    ``spec_of(pod)`` gives a pod's object (the reconciler's)."""
+    ``kubelet_for(pod)`` is the kubelet of the pod's node, ``spec_of(pod)`` the pod's
+    object (the reconciler's)."""
     report = RecoveryReport()
     if infrastructure_missing(cluster):
         rebuild(cluster, report)
@@ -135,7 +136,7 @@ def adopt(cluster: Cluster, kubelet, spec_of) -> RecoveryReport:
     # managed pods recorded before their containers started
     for pod in cluster.pods.values():
         if pod.status.get("managed") and "containers" not in pod.status and not pod.status.get("deleting_at"):
-            kubelet.start(pod, spec_of(pod))
+            kubelet_for(pod).start(pod, spec_of(pod))
             report.unstarted_pods.append(pod.key)
     if report.orphan_pods or report.unstarted_pods or report.orphan_processes:
         cluster.save()

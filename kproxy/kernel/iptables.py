@@ -80,6 +80,13 @@ def service_chains(ns: str, flavour: str = "nft") -> set:
     return {m.group(1) for line in save(ns, "nat", flavour).splitlines() if (m := _SERVICE_CHAIN.match(line))}
 
 
+def forget_endpoint_conntrack(ns: str, endpoint_ip: str) -> None:
+    """Forget every flow NATed to an endpoint whose pod is gone.  A TCP flow's entry
+    outlives its connection (TIME_WAIT, 120 s); a client reusing the source port could
+    otherwise meet the entry's old NAT binding to an address nobody answers."""
+    _run(ns, ["conntrack", "-D", "--reply-src", endpoint_ip])
+
+
 def flush_udp_conntrack(ns: str, service_ip: str, port: int, endpoint_ip: str) -> None:
     """Forget UDP flows from a Service to an endpoint that went away (as kube-proxy does)."""
     _run(ns, ["conntrack", "-D", "-p", "udp", "--orig-dst", service_ip, "--orig-port-dst", str(port),

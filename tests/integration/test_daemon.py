@@ -277,7 +277,7 @@ def test_rolling_update_serves_every_request(cluster, daemon, tmp_path):
                 pods.add(parse_facts(http_get(sys.argv[1], int(sys.argv[2]), timeout=2)[2])["pod"])
                 ok += 1
             except Exception as e:
-                failed.append(repr(e))
+                failed.append(f"{time.time():.3f} {e!r}")
         print(json.dumps({"ok": ok, "failed": failed, "pods": sorted(pods)}))
     """)
     runner = subprocess.Popen(["ip", "netns", "exec", client.netns, sys.executable, "-c", loop, vip, "8080", "25"],
@@ -294,7 +294,7 @@ def test_rolling_update_serves_every_request(cluster, daemon, tmp_path):
             runner.kill()
             runner.wait()
     result = json.loads(out)
-    assert result["ok"] > 100 and result["failed"] == [], result["failed"][:5]
+    assert result["ok"] > 100 and result["failed"] == [], (result["failed"][:5], daemon.output()[-4000:])
     new = {p.name for p in fresh(cluster).pods.values() if p.name.startswith("web-")}
     assert len(new) == 4 and not (new & old)
     assert set(result["pods"]) & old and set(result["pods"]) & new, "traffic moved from old pods to new"
