@@ -477,8 +477,7 @@ def _converge(ctx, cluster, store, wait: bool, timeout: float, mark_deleting=())
         rec = Reconciler(cluster, store)
         try:
             if mark_deleting:
-                from kproxy.reconciler import PassReport
-                rec._mark_deleting(list(mark_deleting), PassReport())
+                rec.mark_deleting(list(mark_deleting))
             report = rec.converge_once(timeout)
         finally:
             rec.close()
@@ -695,7 +694,7 @@ def rollout_status(ctx, ref, name, namespace, watch, timeout):
                 raise KproxyError("no daemon is running to take the rollout further "
                                   "(`kproxy daemon`, or `kproxy apply` again to converge once)")
             if deadline is not None and _time.monotonic() > deadline:
-                click.echo(f"error: timed out waiting for the condition", err=True)
+                click.echo("error: timed out waiting for the condition", err=True)
                 sys.exit(1)
             _time.sleep(0.2)
     finally:

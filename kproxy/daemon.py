@@ -297,9 +297,15 @@ class DaemonMetrics:
         self.errors = registry.counter("kproxy_reconcile_errors_total", "Passes that failed with an error.")
         self._probes: dict = {}
         self._restarts = 0
+        self._nodes: dict = {}             # node -> its bound view of the kube-proxy metrics
+
+    def _node(self, node: str):
+        if node not in self._nodes:
+            self._nodes[node] = self.m.for_node(node)
+        return self._nodes[node]
 
     def sync(self, node: str, kind: str, seconds: float, pending_since: Optional[float]) -> None:
-        n = self.m.for_node(node)
+        n = self._node(node)
         n.sync_proxy_rules_duration_seconds.observe(seconds)
         if kind == "full":
             n.sync_full_proxy_rules_duration_seconds.observe(seconds)
@@ -336,7 +342,7 @@ class DaemonMetrics:
             self._probes[key] = value
         pending = 1 if rec.pending_since is not None else 0
         for node in rec.cluster.nodes:
-            n = m.for_node(node.name)
+            n = self._node(node.name)
             n.sync_proxy_rules_service_changes_pending.set(pending)
             n.sync_proxy_rules_endpoint_changes_pending.set(pending)
             if pending:

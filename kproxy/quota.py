@@ -31,7 +31,6 @@ controller has filled in status.hard); quotas with scopes are not enforced.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 from kproxy.errors import KproxyError

@@ -27,7 +27,6 @@ removed.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 import time
@@ -228,7 +227,7 @@ class Reconciler:
         self.revision_time: Optional[float] = None      # wall time of the newest store change seen
         self.started = time.time()
         self.trigger_time: Optional[float] = None       # wall time of the change that needs a sync
-        self._specs: Dict[str, Tuple[str, o.Pod]] = {}    # pod key -> (manifest json, parsed)
+        self._specs: Dict[str, Tuple[dict, o.Pod]] = {}   # pod key -> (manifest, parsed)
         self.dirty = True                  # endpoints/rules may be out of date
         self.pending_since: Optional[float] = None      # wall time a change first waited for a sync
         self.last_sync = float("-inf")     # monotonic time of the last proxier sync
@@ -325,7 +324,7 @@ class Reconciler:
             pods_in_ns[spec.namespace] = pods_in_ns.get(spec.namespace, 0) + 1
         taken = set(self.cluster.pods) | set(create)
         for key, dep in sorted(deps.items()):
-            views = [self._view(p) for p in owned.get(key, []) + terminating.get(key, [])]
+            views = [pod_view(p) for p in owned.get(key, []) + terminating.get(key, [])]
             # the progress record (for progressDeadlineSeconds) lives with the cluster's records
             progress = self.cluster.proxy_state.setdefault("deployments", {}).setdefault(key, {})
             decision = deployments.decide(dep, views, now, progress=progress)
@@ -347,9 +346,6 @@ class Reconciler:
         for key in [k for k in progress_of if k not in deps]:     # a deleted Deployment's record goes too
             del progress_of[key]
         return create, delete, refused
-
-    def _view(self, pod: Pod) -> "deployments.PodView":
-        return pod_view(pod)
 
     def _create(self, create: Dict[str, o.Pod], report: PassReport) -> None:
         specs, manifests = [], {}
@@ -382,7 +378,9 @@ class Reconciler:
         if made:
             self.dirty = True
 
-    def _mark_deleting(self, keys: List[str], report: PassReport) -> None:
+    def mark_deleting(self, keys: List[str], report: Optional[PassReport] = None) -> None:
+        """Begin deleting these pods (terminating, drained, then gone over later passes)."""
+        report = report if report is not None else PassReport()
         for key in keys:
             pod = self.cluster.pods.get(key)
             if pod is None or pod.status.get("deleting_at"):
@@ -414,15 +412,14 @@ class Reconciler:
         return waiting
 
     # ---- endpoints, DNS, proxier ----------------------------------------------------------
-    def _services_and_slices(self) -> Tuple[List[o.Service], List[o.EndpointSlice]]:
-        return self.endpoints.compute(self.objs, [self.model_pod(p) for p in self.managed()])
-
     def _sync_rules(self, report: PassReport, check: bool) -> bool:
         """Recompute endpoints and DNS; sync the nodes' rules when they changed and the
         min-sync-period allows.  True if a sync is still owed."""
         zone_due = self.dirty
+        pods: List[o.Pod] = []
         if self.dirty or check:
-            self.services, self.slices = self._services_and_slices()
+            pods = [self.model_pod(p) for p in self.managed()]
+            self.services, self.slices = self.endpoints.compute(self.objs, pods)
             prints = fingerprints(self.services, self.slices)
             if prints != self.prints:
                 self.owed = True
@@ -437,8 +434,8 @@ class Reconciler:
             self.dirty = False
         owed = self._sync_proxiers(report)
         if zone_due:            # after the rules: kube-proxy's work is not held up by the DNS zone
-            pods = [self.model_pod(p) for p in self.managed() if not p.status.get("deleting_at")]
-            zone = zone_for(self.cluster, self.services, self.slices, pods).to_json()
+            serving = [p for p in pods if p.metadata.deletion_timestamp is None]
+            zone = zone_for(self.cluster, self.services, self.slices, serving).to_json()
             if zone != self.zone_text:
                 self.zone_text = write_zone_text(self.cluster, zone)
         elif check and self.zone_text is not None and _read(zone_path(self.cluster)) != self.zone_text:
@@ -538,10 +535,10 @@ class Reconciler:
             self.zone_text = write_zone(self.cluster, [], [], [])   # the DNS pod starts on an empty zone
 
         asked = [k for k in self.store.take_pod_deletions() if k in self.cluster.pods]
-        self._mark_deleting(asked, report)
+        self.mark_deleting(asked, report)
         create, delete, refused = self._wanted()
         report.quota_refused = [f"{ns}: {n} pod(s)" for ns, n in refused.items()]
-        self._mark_deleting(delete, report)
+        self.mark_deleting(delete, report)
         if create:
             self._create(create, report)
 
@@ -596,12 +593,11 @@ class Reconciler:
         return out
 
 
-def _spec_of(pod: Pod, cache: Dict[str, Tuple[str, o.Pod]]) -> o.Pod:
+def _spec_of(pod: Pod, cache: Dict[str, Tuple[dict, o.Pod]]) -> o.Pod:
     manifest = pod.status.get("spec") or {}
-    text = json.dumps(manifest, sort_keys=True)
     cached = cache.get(pod.key)
-    if cached is None or cached[0] != text:
-        cached = (text, parse_pod(manifest) if manifest else o.Pod(metadata=o.ObjectMeta(
+    if cached is None or (cached[0] is not manifest and cached[0] != manifest):
+        cached = (manifest, parse_pod(manifest) if manifest else o.Pod(metadata=o.ObjectMeta(
             name=pod.name, namespace=pod.namespace, labels=dict(pod.labels))))
         cache[pod.key] = cached
     return cached[1]
@@ -715,7 +711,7 @@ class EndpointsController:
 def current_view(cluster: Cluster, store: Store):
     """(services, endpoint slices) as they stand: for `get svc`, `describe`, `rules`."""
     objs = with_system_objects(cluster, store.objects())
-    specs: Dict[str, Tuple[str, o.Pod]] = {}
+    specs: Dict[str, Tuple[dict, o.Pod]] = {}
     pods = [_model_pod(p, _spec_of(p, specs)) for p in cluster.pods.values() if p.status.get("managed")]
     return services_and_slices(objs, pods)
 

@@ -203,6 +203,25 @@ def test_drift_is_repaired_within_the_sync_period(cluster, daemon, tmp_path):
     assert "lost its interface" in daemon.output()
 
 
+def assert_exactly_what_is_recorded(c: Cluster) -> None:
+    """After recovery: the machine holds exactly the cluster's recorded namespaces (and
+    the journal agrees), each managed pod one process per container, and no process the
+    journal knows is alive unrecorded."""
+    ours = {c.underlay_ns, c.external_ns} | {n.netns for n in c.nodes} | {p.netns for p in c.pods.values()}
+    on_machine = {ns for ns in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+                  if ns.startswith(c.name + "-")}
+    assert on_machine == ours, (sorted(on_machine - ours), sorted(ours - on_machine))
+    assert set(c.journal.live_namespaces()) == ours, "the journal names no namespace nobody owns, misses none"
+    for p in c.pods.values():
+        if p.status.get("managed"):
+            assert len(c.processes_of(p)) == len(p.status["containers"]), p.key
+    recorded = {(x["pid"], x["started"]) for p in c.pods.values() for x in p.status.get("containers", [])
+                if "pid" in x}
+    stray = [pid for pid, started in c.journal.live_processes()
+             if process.alive(pid, started) and (pid, started) not in recorded]
+    assert not stray, f"processes nobody records: {stray}"
+
+
 def test_kill_9_and_restart_adopt_without_duplicates(cluster, tmp_path):
     d = Daemon(cluster.name, tmp_path)
     try:
@@ -215,18 +234,10 @@ def test_kill_9_and_restart_adopt_without_duplicates(cluster, tmp_path):
     try:
         wait_for("6 ready", lambda: sum(1 for p in fresh(cluster).pods.values()
                                         if p.name.startswith("web-") and p.status.get("ready")) == 6, timeout=60)
-        revision = d.meta("settled", {}).get("revision")
-        wait_for("settled", lambda: d.meta("settled", {}).get("revision") == revision and revision is not None)
+        wait_for("settled on the apply", lambda: (d.meta("settled") or {}).get("revision", 0) >= 1)
         c = fresh(cluster)
-        web = [p for p in c.pods.values() if p.name.startswith("web-")]
-        assert len(web) == 6
-        # every pod namespace on the machine is a recorded pod's; one process per container
-        prefix = {p.netns for p in c.pods.values()}
-        mine = [ns for ns in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
-                if ns.startswith(os.path.commonprefix([p.netns for p in web])[:6])]
-        assert set(mine) - {n.netns for n in c.nodes} - {c.underlay_ns, c.external_ns} <= prefix
-        for p in web:
-            assert len(c.processes_of(p)) == len(p.status["containers"]), p.key
+        assert len([p for p in c.pods.values() if p.name.startswith("web-")]) == 6
+        assert_exactly_what_is_recorded(c)
         _, client = client_pod(cluster)
         vip = next(s for s in _services(cluster) if s["metadata"]["name"] == "web")["spec"]["clusterIP"]
         assert len(probe(fresh(cluster), client.netns, vip, 8080, n=60)["pods"]) == 6
@@ -406,16 +417,7 @@ def test_kill_9_at_random_moments_then_one_clean_convergence(cluster, tmp_path):
         web = [p for p in c.pods.values() if p.name.startswith("web-")]
         assert len(web) == replicas[-1] and all(p.status.get("ready") for p in web), \
             [(p.name, p.status.get("reason")) for p in web]
-        ours = {c.underlay_ns, c.external_ns} | {n.netns for n in c.nodes} | {p.netns for p in c.pods.values()}
-        assert set(c.journal.live_namespaces()) == ours, "no namespace nobody owns, none missing"
-        for p in c.pods.values():
-            if p.status.get("managed"):
-                assert len(c.processes_of(p)) == len(p.status["containers"]), p.key
-        recorded = {(x["pid"], x["started"]) for p in c.pods.values() for x in p.status.get("containers", [])
-                    if "pid" in x}
-        stray = [pid for pid, started in c.journal.live_processes()
-                 if process.alive(pid, started) and (pid, started) not in recorded]
-        assert not stray, f"processes nobody records: {stray}"
+        assert_exactly_what_is_recorded(c)
         _, client = client_pod(cluster)
         vip = next(s for s in _services(cluster) if s["metadata"]["name"] == "web")["spec"]["clusterIP"]
         assert len(probe(fresh(cluster), client.netns, vip, 8080, n=40)["pods"]) == replicas[-1]
