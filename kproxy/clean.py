@@ -75,13 +75,24 @@ def clean_cluster(name: str, remove_state: bool = True) -> CleanReport:
         return report
     with state.locked(d):
         journal = state.Journal(d)
+        # One record that cannot be undone must not stop the others from being undone:
+        # it stays in the journal (a later clean retries it) and is reported.
+        failed = []
         for pid, started in journal.live_processes():
-            if process.stop(pid, started):
-                report.processes_stopped.append(pid)
+            try:
+                if process.stop(pid, started):
+                    report.processes_stopped.append(pid)
+            except OSError as e:
+                failed.append(f"could not stop process {pid}: {e}")
+                continue
             journal.record("release-process", pid=pid, started=started)
         for ns in reversed(journal.live_namespaces()):
-            if netns.delete(ns):
-                report.namespaces_removed.append(ns)
+            try:
+                if netns.delete(ns):
+                    report.namespaces_removed.append(ns)
+            except OSError as e:
+                failed.append(f"could not delete namespace {ns}: {e}")
+                continue
             journal.record("release-netns", name=ns)
         entries = journal.entries()
         for e in entries:
@@ -95,7 +106,7 @@ def clean_cluster(name: str, remove_state: bool = True) -> CleanReport:
                     pass
         journal.close()
         shutil.rmtree(os.path.join(d, "ipam"), ignore_errors=True)
-        report.problems = verify(name)
+        report.problems = failed + verify(name)
         # The records go once nothing they name is left; a difference in the machine's
         # own namespace is reported (and fails the command) but is not ours to undo.
         forget = remove_state and not leftovers(name)

@@ -76,10 +76,12 @@ def make_cluster(state_dir):
 
     yield factory
     problems = []
-    for name in made:
+    for name in made:                       # every cluster is cleaned, even if one fails
         if os.path.isdir(os.path.join(state_dir, "clusters", name)):
-            report = clean_cluster(name)
-            problems += report.problems
+            try:
+                problems += clean_cluster(name).problems
+            except Exception as e:          # reported below, after the others are cleaned
+                problems.append(f"cleaning {name} raised {e!r}")
     assert not problems, f"cleanup left differences: {problems}"
 
 

@@ -15,7 +15,11 @@ from typing import Optional, Sequence
 from cni import netns
 
 
-def start_time(pid: int) -> Optional[int]:
+def _stat(pid: int) -> Optional[tuple[str, int]]:
+    """(state, start time) from one read of /proc/PID/stat, or None once it is gone.
+
+    A process that exits while its stat file is open makes the read fail with ESRCH
+    (ProcessLookupError) rather than the open with ENOENT: both mean "gone"."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             stat = f.read()
@@ -23,19 +27,18 @@ def start_time(pid: int) -> Optional[int]:
         return None
     # the command name may contain spaces and parentheses: split after the last ')'
     fields = stat[stat.rindex(")") + 2:].split()
-    return int(fields[19])
+    return fields[0], int(fields[19])
+
+
+def start_time(pid: int) -> Optional[int]:
+    stat = _stat(pid)
+    return None if stat is None else stat[1]
 
 
 def alive(pid: int, started: int) -> bool:
-    st = start_time(pid)
-    if st is None or st != started:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state != "Z"
+    """True while ``pid`` is the process that started at ``started`` and not a zombie."""
+    stat = _stat(pid)
+    return stat is not None and stat[1] == started and stat[0] != "Z"
 
 
 def exec_argv(ns: str, argv: Sequence[str]) -> list[str]:

@@ -154,6 +154,39 @@ def test_processes_are_stopped_by_pid_at_cleanup(make_cluster, state_dir):
     assert proc.wait(timeout=5) is not None
 
 
+def test_clean_goes_on_past_a_record_it_cannot_undo(make_cluster, state_dir, monkeypatch):
+    """A process that cannot be stopped is reported and kept on record; the namespaces are
+    removed anyway, and a second clean (once the failure is gone) finishes the job."""
+    from kproxy import state
+    from kproxy.clean import clean_cluster
+    from kproxy.kernel import process
+    c = make_cluster(nodes=1)
+    p = c.add_pod("sleeper")
+    proc = c.start_process(p, ["sleep", "300"])
+    deadline = time.monotonic() + 10                 # `ip netns exec` has entered the pod
+    while open(f"/proc/{proc.pid}/comm").read().strip() != "sleep":
+        assert time.monotonic() < deadline, "sleep never started"
+        time.sleep(0.01)
+    real_stop = process.stop
+
+    def refuses(pid, started, grace=2.0):
+        if pid == proc.pid:
+            raise PermissionError(1, "Operation not permitted")
+        return real_stop(pid, started, grace)
+
+    monkeypatch.setattr(process, "stop", refuses)
+    report = clean_cluster(c.name)
+    assert f"could not stop process {proc.pid}: [Errno 1] Operation not permitted" in report.problems
+    assert not [n for n in netns.list_names() if n.startswith(c.name + "-")]
+    assert proc.poll() is None                                  # still running, still on record
+    assert c.name in state.known_clusters()
+    monkeypatch.setattr(process, "stop", real_stop)
+    again = clean_cluster(c.name)
+    assert again.ok and proc.pid in again.processes_stopped, again.problems
+    assert proc.wait(timeout=5) is not None
+    assert c.name not in state.known_clusters()
+
+
 def test_failed_up_undoes_itself(state_dir, monkeypatch):
     from kproxy.cluster import Cluster
     from kproxy.config import ClusterConfig
