@@ -112,22 +112,33 @@ PROBER = textwrap.dedent("""
         print(f"ok {when!r} {attempts}" if when is not None else f"timeout {attempts}", flush=True)
 """)
 
-# HTTP requests without pause until stdin closes; then one JSON line.
+# HTTP requests without pause until stdin closes; then one JSON line.  A failure is kept
+# with when it began, the stage it failed in (connect or response), how long it took and
+# the client's source port, so that it can be matched with conntrack and the daemon's log.
 LOAD = textwrap.dedent("""
-    import json, sys, threading, time
-    from kproxy.workload.client import http_get, parse_facts
+    import json, socket, sys, threading, time
+    from kproxy.workload.client import parse_facts
     done = threading.Event()
     threading.Thread(target=lambda: (sys.stdin.read(), done.set()), daemon=True).start()
+    ip, port = sys.argv[1], int(sys.argv[2])
+    request = f"GET / HTTP/1.1\\r\\nHost: {ip}:{port}\\r\\nConnection: close\\r\\n\\r\\n".encode()
     ok, failed, pods = 0, [], {}
     t0 = time.monotonic()
     while not done.is_set():
-        t = time.monotonic()
+        t, stage, sport = time.monotonic(), "connect", None
         try:
-            pod = parse_facts(http_get(sys.argv[1], int(sys.argv[2]), timeout=2)[2])["pod"]
+            with socket.create_connection((ip, port), timeout=2) as s:
+                sport, stage = s.getsockname()[1], "response"
+                s.settimeout(max(0.05, 2 - (time.monotonic() - t)))
+                s.sendall(request)
+                data = b""
+                while chunk := s.recv(65536):
+                    data += chunk
+            pod = parse_facts(data.split(b"\\r\\n\\r\\n", 1)[1].decode())["pod"]
             pods[pod] = pods.get(pod, 0) + 1
             ok += 1
         except Exception as e:
-            failed.append([round(t - t0, 3), repr(e)])
+            failed.append([round(t - t0, 3), stage, round(time.monotonic() - t, 3), sport, repr(e)])
     print(json.dumps({"ok": ok, "failed": failed, "pods": pods, "seconds": time.monotonic() - t0}))
 """)
 
@@ -515,8 +526,8 @@ def bench_rollout(replicas: int, args) -> None:
               f"({total / result['seconds']:.0f}/s; answered by {len(result['pods'])} pods, "
               f"{len(set(result['pods']) & old)} old, {len(set(result['pods']) - old)} new)")
         print(f"target 0 failed: {'met' if not result['failed'] else 'NOT met'}")
-        for when, err in result["failed"][:5]:
-            print(f"  failed at +{when:.3f} s: {err}")
+        for when, stage, took, sport, err in result["failed"][:5]:
+            print(f"  failed at +{when:.3f} s in {stage} after {took:.3f} s (source port {sport}): {err}")
         sys.stdout.flush()
     finally:
         b.close()

@@ -230,7 +230,7 @@ class Cluster:
                 # (REJECT for a Service without endpoints, DNAT in OUTPUT for the node's own
                 # traffic).  Here that route stays on the underlay; there is no default route.
                 links.add_route(s, cfg.service_cidr, dev="eth0")
-                links.add_bridge(s, POD_BRIDGE, mtu=cfg.pod_mtu())
+                links.add_bridge(s, POD_BRIDGE, mtu=cfg.pod_mtu(), mac=links.mac_for_ipv4(node.gateway))
                 links.add_address(s, POD_BRIDGE, f"{node.gateway}/{ipaddress.ip_network(node.pod_cidr).prefixlen}")
             links.write_sysctl(node.netns, "net.ipv4.ip_forward", "1")
             links.write_sysctl(node.netns, "net.bridge.bridge-nf-call-iptables", "1")

@@ -406,7 +406,7 @@ class Reconciler:
             self.kubelet_for(pod).stop(pod)
             self.cluster.delete_pod(pod.name, pod.namespace)
             for node in self.cluster.nodes:
-                iptables.forget_endpoint_conntrack(node.netns, pod.ip)
+                iptables.forget_endpoint_udp_conntrack(node.netns, pod.ip)
             self._specs.pop(pod.key, None)
             self.dirty = waiting = True
         return waiting

@@ -80,11 +80,19 @@ def service_chains(ns: str, flavour: str = "nft") -> set:
     return {m.group(1) for line in save(ns, "nat", flavour).splitlines() if (m := _SERVICE_CHAIN.match(line))}
 
 
-def forget_endpoint_conntrack(ns: str, endpoint_ip: str) -> None:
-    """Forget every flow NATed to an endpoint whose pod is gone.  A TCP flow's entry
-    outlives its connection (TIME_WAIT, 120 s); a client reusing the source port could
-    otherwise meet the entry's old NAT binding to an address nobody answers."""
-    _run(ns, ["conntrack", "-D", "--reply-src", endpoint_ip])
+def forget_endpoint_udp_conntrack(ns: str, endpoint_ip: str) -> None:
+    """Forget the UDP flows NATed to an endpoint whose pod is gone, whatever address they
+    were sent to (ClusterIP, NodePort, LoadBalancer).  A UDP flow has no end: its entry,
+    refreshed by every datagram the client sends, would keep the old binding to an
+    address nobody answers.
+
+    TCP entries are left alone, as kube-proxy leaves them.  A SYN that reuses the tuple
+    of a closed connection (TIME_WAIT or CLOSE) makes conntrack drop the old entry and
+    NAT the new connection afresh.  Deleting TCP entries here races with that: the
+    `conntrack` tool lists the entries, then deletes each by its tuple, so a connection
+    that reused the tuple in between (a busy client's source port comes round within
+    seconds) loses its NAT binding, and the server's answer never reaches the client."""
+    _run(ns, ["conntrack", "-D", "-p", "udp", "--reply-src", endpoint_ip])
 
 
 def flush_udp_conntrack(ns: str, service_ip: str, port: int, endpoint_ip: str) -> None:

@@ -51,9 +51,28 @@ def set_up(ipr: IPRoute, ifname: str, mtu: Optional[int] = None, master: Optiona
     _do(f"set {ifname} up", ipr.link, "set", index=_index(ipr, ifname), state="up", **extra)
 
 
-def add_bridge(ipr: IPRoute, name: str, mtu: Optional[int] = None) -> None:
-    _do(f"create bridge {name}", ipr.link, "add", ifname=name, kind="bridge")
+def add_bridge(ipr: IPRoute, name: str, mtu: Optional[int] = None, mac: Optional[str] = None) -> None:
+    """A bridge with a MAC address of its own (``mac``, else a random locally administered
+    one), set when it is made.  A bridge left to choose takes the lowest MAC among its
+    ports and changes it as ports come and go: the neighbours that cached the old one
+    (pods, for their gateway) then send to an address that leaves with the port, and
+    their traffic through the bridge is lost until they resolve it again."""
+    _do(f"create bridge {name}", ipr.link, "add", ifname=name, kind="bridge",
+        address=mac or random_mac())
     set_up(ipr, name, mtu)
+
+
+def random_mac() -> str:
+    """A random unicast, locally administered MAC address."""
+    b = bytearray(os.urandom(6))
+    b[0] = (b[0] & 0xFC) | 0x02
+    return ":".join(f"{x:02x}" for x in b)
+
+
+def mac_for_ipv4(ip: str) -> str:
+    """0a:58 and the four bytes of ``ip`` (the form the CNI bridge plugin once gave its
+    interfaces): a gateway's MAC that says which gateway it is."""
+    return "0a:58:" + ":".join(f"{int(x):02x}" for x in ip.split("."))
 
 
 def add_veth(ipr: IPRoute, name: str, peer: str, peer_ns: str) -> None:

@@ -127,6 +127,37 @@ def test_machine_namespace_unchanged_during_and_after(state_dir):
     assert not [n for n in netns.list_names() if n.startswith(name + "-")]
 
 
+def test_gateway_mac_stays_while_pods_come_and_go(make_cluster):
+    """cni0 has a MAC of its own (0a:58 and the gateway's address), so the gateway address
+    pods have cached stays right when the port whose MAC a bridge would otherwise borrow
+    (the lowest) goes away.  Before, a rolling update lost the answers of pods on other
+    nodes: they went to the MAC of a deleted pod's veth."""
+    c = make_cluster(nodes=2)
+    node = c.node("node1")
+    want = "0a:58:" + ":".join(f"{int(x):02x}" for x in node.gateway.split("."))
+
+    def bridge():
+        res = c.exec_in(node.netns, ["cat", "/sys/class/net/cni0/address",
+                                     "/sys/class/net/cni0/addr_assign_type"],
+                        capture_output=True, text=True, check=True)
+        mac, assign = res.stdout.split()
+        return mac, assign
+
+    assert bridge() == (want, "3")              # 3: NET_ADDR_SET, chosen rather than borrowed
+    client = c.add_pod("client", node="node1")
+    server = c.add_pod("server", node="node2")
+    start_peer_server(c, server)
+    assert seen_by_server(c, client.netns, server.ip) == f"peer={client.ip}"
+    churn = [c.add_pod(f"churn{i}", node="node1") for i in range(6)]
+    for p in churn:
+        c.delete_pod(p.name)
+    assert bridge() == (want, "3")
+    neigh = c.exec_in(client.netns, ["ip", "neigh", "show", node.gateway], capture_output=True,
+                      text=True, check=True).stdout
+    assert want in neigh, neigh                 # what the client cached is still the gateway's
+    assert seen_by_server(c, client.netns, server.ip) == f"peer={client.ip}"
+
+
 def test_delete_pod_releases_address_and_namespace(make_cluster):
     c = make_cluster(nodes=1)
     p = c.add_pod("p")
@@ -213,8 +244,8 @@ def test_clean_after_a_crash_uses_the_journal(state_dir):
         "from kproxy.config import ClusterConfig\n"
         "from kproxy.kernel import links\n"
         "real = links.add_bridge\n"
-        "def crash(ipr, name, mtu=None):\n"
-        "    real(ipr, name, mtu)\n"
+        "def crash(ipr, name, mtu=None, mac=None):\n"
+        "    real(ipr, name, mtu, mac)\n"
         "    if name == 'cni0': os.kill(os.getpid(), signal.SIGKILL)\n"
         "links.add_bridge = crash\n"
         f"Cluster.create(ClusterConfig(name={name!r}, nodes=['node1', 'node2']))\n"
