@@ -268,11 +268,17 @@ class Processes:
         not start (adopted: not our child, so nobody can read its status)."""
         if proc is not None:
             rc = proc.poll()                          # reaps: a zombie never counts as running
-            return None if rc is None else process.exit_status(rc)
-        return None if process.alive(pid, started) else EXIT_UNKNOWN
+            code = None if rc is None else process.exit_status(rc)
+        else:
+            code = None if process.alive(pid, started) else EXIT_UNKNOWN
+        if code is not None:
+            # the container ended with its main process: so does what it left running
+            # (a runtime ends the container's every process), or a restart would meet it
+            process.end_leftovers(pid, started)
+        return code
 
     def stop(self, proc, pid: int, started: int, grace: float) -> Optional[int]:
-        """SIGTERM, SIGKILL after ``grace``; only the recorded PID + start time."""
+        """SIGTERM, SIGKILL after ``grace``: the recorded PID + start time and its group."""
         if proc is not None:
             return process.stop_child(proc, started, grace)
         process.stop(pid, started, grace)

@@ -3,6 +3,14 @@
 A PID alone can be reused by the kernel after the process ends; kproxy records the
 start time (field 22 of /proc/PID/stat) beside it and only ever signals a PID whose
 start time still matches, so it never ends a process it did not start.
+
+Every process kproxy starts leads a session and a process group of its own (its PGID and
+SID are its PID), so what it forks (``sh -c 'server & wait'``) stays in that group.  A
+container runtime ends a container's every process; kproxy ends the group: through the
+leader while it still runs with its recorded start time, and after the leader has gone,
+each member still in the group by its own PID.  The kernel does not hand out a PID that
+is still some group's PGID, so while the group has members its ID is still ours; the
+members are also checked to have started no earlier than the leader.
 """
 from __future__ import annotations
 
@@ -15,8 +23,8 @@ from typing import Optional, Sequence
 from cni import netns
 
 
-def _stat(pid: int) -> Optional[tuple[str, int]]:
-    """(state, start time) from one read of /proc/PID/stat, or None once it is gone.
+def _stat(pid: int) -> Optional[tuple[str, int, int, int]]:
+    """(state, start time, PGID, SID) from one read of /proc/PID/stat, or None once it is gone.
 
     A process that exits while its stat file is open makes the read fail with ESRCH
     (ProcessLookupError) rather than the open with ENOENT: both mean "gone"."""
@@ -27,7 +35,7 @@ def _stat(pid: int) -> Optional[tuple[str, int]]:
         return None
     # the command name may contain spaces and parentheses: split after the last ')'
     fields = stat[stat.rindex(")") + 2:].split()
-    return fields[0], int(fields[19])
+    return fields[0], int(fields[19]), int(fields[2]), int(fields[3])
 
 
 def start_time(pid: int) -> Optional[int]:
@@ -56,31 +64,67 @@ def spawn(ns: str, argv: Sequence[str], **popen_kwargs) -> tuple[subprocess.Pope
     return proc, started if started is not None else -1
 
 
-def stop(pid: int, started: int, grace: float = 2.0) -> bool:
-    """SIGTERM, then SIGKILL after ``grace`` seconds, the process we recorded (only it).
+def group_members(pgid: int, started: int) -> list[int]:
+    """The live processes still in the session and process group ``pgid`` that a leader
+    started at ``started`` made (the leader too, if it still runs)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        st = _stat(int(entry))
+        if st is not None and st[2] == pgid and st[3] == pgid and st[1] >= started and st[0] != "Z":
+            found.append(int(entry))
+    return found
 
-    Returns True if a process was signalled."""
-    if not alive(pid, started):
+
+def signal_group(pid: int, started: int, sig: int) -> bool:
+    """Send ``sig`` to the group the recorded process leads (see the module's notes), or to
+    the process alone if it leads none.  True if anything was signalled."""
+    if alive(pid, started):
+        try:
+            if os.getpgid(pid) == pid:
+                os.killpg(pid, sig)
+            else:
+                os.kill(pid, sig)
+            return True
+        except ProcessLookupError:
+            pass
+    sent = False
+    for member in group_members(pid, started):
+        try:
+            os.kill(member, sig)
+            sent = True
+        except ProcessLookupError:
+            pass
+    return sent
+
+
+def end_leftovers(pid: int, started: int) -> bool:
+    """SIGKILL what is left in the group of a leader that has ended (as a runtime ends a
+    container whose main process exited).  True if there was anything."""
+    if alive(pid, started):
         return False
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
+    return signal_group(pid, started, signal.SIGKILL)
+
+
+def _group_gone(pid: int, started: int) -> bool:
+    _reap(pid)
+    return not alive(pid, started) and not group_members(pid, started)
+
+
+def stop(pid: int, started: int, grace: float = 2.0) -> bool:
+    """SIGTERM, then SIGKILL after ``grace`` seconds, the process we recorded and its
+    group (only them).  Returns True if a process was signalled."""
+    if not signal_group(pid, started, signal.SIGTERM):
         return False
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
-        if not alive(pid, started):
-            _reap(pid)
+        if _group_gone(pid, started):
             return True
-        _reap(pid)
         time.sleep(0.02)
-    if alive(pid, started):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    signal_group(pid, started, signal.SIGKILL)
     for _ in range(100):
-        _reap(pid)
-        if not alive(pid, started):
+        if _group_gone(pid, started):
             break
         time.sleep(0.01)
     return True
@@ -100,27 +144,27 @@ def exit_status(returncode: int) -> int:
 
 
 def stop_child(proc: subprocess.Popen, started: int, grace: float = 2.0) -> Optional[int]:
-    """:func:`stop` for a child we still hold the Popen of: SIGTERM, SIGKILL after
-    ``grace`` seconds, but reaped through ``proc`` so its exit status is kept.
+    """:func:`stop` for a child we still hold the Popen of: SIGTERM to its group, SIGKILL
+    after ``grace`` seconds, the child reaped through ``proc`` so its exit status is kept.
 
-    Signals only while the PID still has the recorded start time.  Returns the exit
-    status (:func:`exit_status`), or None if it cannot be known."""
+    Signals only while the PID still has the recorded start time (and, after it ended,
+    only what is left of its group).  Returns the exit status (:func:`exit_status`), or
+    None if it cannot be known."""
     if proc.poll() is None and alive(proc.pid, started):
-        try:
-            os.kill(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+        signal_group(proc.pid, started, signal.SIGTERM)
         try:
             proc.wait(timeout=max(grace, 0.0))
         except subprocess.TimeoutExpired:
-            if alive(proc.pid, started):
-                try:
-                    os.kill(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            signal_group(proc.pid, started, signal.SIGKILL)
             try:
                 proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 return None
+    if proc.poll() is not None:
+        # the leader is reaped: what it left behind gets until the grace is over
+        deadline = time.monotonic() + max(grace, 0.0)
+        while group_members(proc.pid, started) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        end_leftovers(proc.pid, started)
     rc = proc.poll()
     return None if rc is None else exit_status(rc)

@@ -249,3 +249,27 @@ def test_stop_leaves_no_process(env):
     assert entry(pod, "web")["exit_code"] == 0              # the server exits 0 on SIGTERM
     alive = [p for p in env.cluster.processes_of(pod) if kl.process.alive(*p)]
     assert alive == []
+
+
+def test_stop_ends_what_a_container_forked(env):
+    # the shell leaves two children running: a runtime would end them with the container
+    pod = env.pod("forks", {"name": "main", "image": "debian",
+                            "command": ["sh", "-c", "sleep 3600 & sleep 3600 & wait"]})
+    env.until("both children running", lambda: pod.status["ready"] and len(pids_in(pod.netns)) == 3)
+    env.k.stop(pod, grace=1.0)
+    assert pids_in(pod.netns) == []
+
+
+def test_an_ended_container_leaves_nothing_running(env):
+    # each run leaves a sleep behind and exits 1; a restart must not find the last one's
+    pod = env.pod("leaver", {"name": "main", "image": "debian",
+                             "command": ["sh", "-c", "sleep 3600 & sleep 0.3; exit 1"]})
+    most = []
+
+    def restarted_twice():
+        most.append(len(pids_in(pod.netns)))
+        return pod.status["restarts"] >= 2
+
+    env.until("two restarts", restarted_twice)
+    assert max(most) <= 3, most                # this run's sh, its sleep 3600 and its sleep 0.3
+    assert entry(pod)["exit_code"] == 1 or pod.status["reason"] == "Running"
