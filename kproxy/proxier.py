@@ -17,6 +17,7 @@ from kproxy.errors import KernelError
 from kproxy.kernel import iptables, links
 from kproxy.model import objects as o
 from kproxy.proxy.iptables import names
+from kproxy.proxy.iptables.canon import canonical_rules
 from kproxy.proxy.iptables.jumps import CLEANUP_CHAINS, all_jump_rules
 from kproxy.proxy.iptables.render import NodeSettings, render_payload
 from kproxy.proxy.types import service_fingerprints
@@ -101,20 +102,26 @@ class IptablesProxier(Proxier):
 
 
     def drifted(self, services, slices) -> bool:
-        """Compare the node's tables with a full render, chain by chain, by the number of
-        rules in each kube-proxy chain, and look for every jump from the built-in chains.
-        (iptables-save spells rules its own way, so rules are counted, not compared: a
-        flushed or deleted rule is found, a rule edited in place is not.)"""
+        """Compare the node's tables with a full render, chain by chain and rule by rule
+        (in canonical form: iptables-save spells rules its own way), and look for every
+        jump from the built-in chains.  A flushed, deleted, added or edited rule is found."""
         if not self.state.get("synced"):
             return True
-        want = _rule_counts(render_payload(services, slices, self.settings, changed=None,
-                                           existing_chains=set()).text)
+        rendered = render_payload(services, slices, self.settings, changed=None, existing_chains=set()).text
         text = self.ruleset()
-        have = _rule_counts(text)
-        if any(have.get(key, 0) != n for key, n in want.items()):
-            return True
         jumps = {(t, c, target) for t, c, target in _jumps(text)}
-        return any((j.table, j.chain, j.target) not in jumps for j in all_jump_rules())
+        if any((j.table, j.chain, j.target) not in jumps for j in all_jump_rules()):
+            return True
+        # the same render and the same tables as at the last check that found them equal:
+        # equal still, without reading every rule again
+        seen = hashlib.sha256(f"{rendered}\0{text}".encode()).hexdigest()
+        if self.state.get("checked_equal") == seen:
+            return False
+        want, have = canonical_rules(rendered), canonical_rules(text)
+        if any(have.get(key) != rules for key, rules in want.items()):
+            return True
+        self.state["checked_equal"] = seen
+        return False
 
     def ruleset(self) -> str:
         """What the node holds now: iptables-save of nat and filter (for trace and explain)."""
@@ -138,22 +145,6 @@ class IptablesProxier(Proxier):
             lines += [f"*{table}"] + [f":{c} - [0:0]" for c in chains] + [f"-X {c}" for c in chains] + ["COMMIT"]
         iptables.restore(ns, "\n".join(lines) + "\n", self.flavour)
         self.forget()
-
-
-def _rule_counts(text: str) -> Dict[tuple, int]:
-    """(table, chain) -> number of rules, for kube-proxy's chains in iptables-save or
-    iptables-restore text."""
-    counts: Dict[tuple, int] = {}
-    table = ""
-    for line in text.splitlines():
-        if line.startswith("*"):
-            table = line[1:].strip()
-        elif line.startswith(":KUBE-"):
-            counts.setdefault((table, line[1:].split()[0]), 0)
-        elif line.startswith("-A KUBE-"):
-            key = (table, line.split()[1])
-            counts[key] = counts.get(key, 0) + 1
-    return counts
 
 
 def _jumps(text: str):

@@ -193,3 +193,52 @@ def test_seed_stateful_app_payload_loads(netns):
     probabilities = [r.split("--probability ")[1].split()[0] for r in live[svc[0]] if "--probability" in r]
     assert probabilities == ["0.25000000000", "0.33333333349", "0.50000000000"]
     assert any("-d 192.168.5.201/32" in r for r in live["KUBE-SERVICES"])   # the LB IP from the pool
+
+
+def _large_cluster_objects():
+    """A Service with more endpoints than upstream's large-cluster threshold (no comments)."""
+    eps = "\n".join(f"  - addresses: [10.1.{i // 250}.{i % 250 + 1}]" for i in range(1001))
+    return [lo.obj for lo in loads(f"""
+apiVersion: v1
+kind: Service
+metadata: {{name: big, namespace: ns1}}
+spec: {{clusterIP: 172.30.0.50, ports: [{{name: p80, port: 80, protocol: TCP}}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: big-1, namespace: ns1, labels: {{kubernetes.io/service-name: big}}}}
+addressType: IPv4
+ports: [{{name: p80, port: 80, protocol: TCP}}]
+endpoints:
+{eps}
+""")]
+
+
+@pytest.mark.parametrize("flavour", ["nft", "legacy"])
+def test_iptables_save_reads_back_to_the_payload_in_canonical_form(netns, flavour):
+    """What the drift check relies on: for each payload, the canonical form of what the
+    kernel holds equals the canonical form of what was written, chain by chain."""
+    from kproxy.proxy.iptables.canon import canonical_rules
+    from kproxy.render import render_manifests
+
+    if not shutil.which(f"iptables-{flavour}-restore"):
+        pytest.skip(f"no iptables-{flavour}-restore")
+    overall = [lo.obj for lo in load(str(GOLDEN / "overall.input.yaml"))]
+    large = _large_cluster_objects()
+    payloads = {
+        "overall": render(overall, overall, SETTINGS),
+        "overall without --random-fully": render(overall, overall, NodeSettings(
+            "test-node", ["192.168.0.2"], cluster_cidr="10.0.0.0/8", random_fully=False)),
+        "stateful-app": render_manifests(str(SEED), lb_pool="192.168.5.200/29"),
+        "large cluster": render(large, large, SETTINGS),
+    }
+    for what, payload in payloads.items():
+        for table in ("nat", "filter"):       # each payload on its own: flush what the last left
+            run(netns, f"iptables-{flavour}", "-t", table, "-F")
+            run(netns, f"iptables-{flavour}", "-t", table, "-X")
+        run(netns, f"iptables-{flavour}-restore", "--noflush", stdin=payload)
+        held = "".join(run(netns, f"iptables-{flavour}-save", "-t", t).stdout for t in ("nat", "filter"))
+        want, have = canonical_rules(payload), canonical_rules(held)
+        assert want and set(want) == set(have), (what, set(want) ^ set(have))
+        differ = [key for key in want if want[key] != have[key]]
+        assert not differ, (what, differ[:3], [(want[k][:2], have[k][:2]) for k in differ[:1]])

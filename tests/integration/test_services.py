@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import sys
 import textwrap
 import time
@@ -453,8 +454,9 @@ def test_proxier_cleanup_leaves_nothing(lab):
 
 def test_the_periodic_check_finds_drift_only_when_there_is_some(make_cluster, tmp_path):
     """iptables mode: the daemon's periodic check compares each node's tables with a full
-    render and rewrites them only when they differ (a flushed chain, a deleted jump)."""
-    from kproxy.proxier import proxier_for
+    render and rewrites them only when they differ (a rule edited in place, a flushed
+    chain, a deleted jump)."""
+    from kproxy.proxier import fingerprints, proxier_for
     from kproxy.reconciler import current_view
     lab = Lab(make_cluster(nodes=2), tmp_path)
     try:
@@ -463,6 +465,22 @@ def test_the_periodic_check_finds_drift_only_when_there_is_some(make_cluster, tm
         for node in lab.c.nodes:
             assert not proxier_for(lab.c, node).drifted(services, slices), node.name
         ns1, ns2 = lab.c.node("node1").netns, lab.c.node("node2").netns
+
+        # a rule edited in place: one endpoint's DNAT sent to another port (same rule count)
+        saved = lab.c.exec_in(ns1, ["iptables-save", "-t", "nat"], capture_output=True, text=True,
+                              check=True).stdout
+        dnat = next(ln for ln in saved.splitlines() if ln.startswith("-A KUBE-SEP-") and "DNAT" in ln)
+        chain, dest = dnat.split()[1], dnat.split("--to-destination ")[1].split()[0]
+        rules = [ln for ln in saved.splitlines() if ln.startswith(f"-A {chain} ")]
+        edited = dnat.replace(f"--to-destination {dest}", f"--to-destination {dest.rsplit(':', 1)[0]}:9")
+        lab.c.exec_in(ns1, ["iptables", "-t", "nat", "-R", chain, str(rules.index(dnat) + 1),
+                            *shlex.split(edited)[2:]], check=True)
+        assert proxier_for(lab.c, lab.c.node("node1")).drifted(services, slices)
+        assert not proxier_for(lab.c, lab.c.node("node2")).drifted(services, slices)
+        proxier_for(lab.c, lab.c.node("node1")).sync(services, slices, fingerprints(services, slices),
+                                                     force_full=True)
+        assert not proxier_for(lab.c, lab.c.node("node1")).drifted(services, slices)
+
         lab.c.exec_in(ns1, ["iptables", "-t", "nat", "-F", "KUBE-SERVICES"], check=True)
         lab.c.exec_in(ns2, ["iptables", "-t", "filter", "-D", "FORWARD", "-m", "comment", "--comment",
                             "kubernetes forwarding rules", "-j", "KUBE-FORWARD"], check=True)
