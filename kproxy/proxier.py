@@ -17,7 +17,7 @@ from kproxy.errors import KernelError
 from kproxy.kernel import iptables, links
 from kproxy.model import objects as o
 from kproxy.proxy.iptables import names
-from kproxy.proxy.iptables.canon import canonical_rules
+from kproxy.proxy.iptables.canon import rule_digests
 from kproxy.proxy.iptables.jumps import CLEANUP_CHAINS, all_jump_rules
 from kproxy.proxy.iptables.render import NodeSettings, render_payload
 from kproxy.proxy.types import service_fingerprints
@@ -51,11 +51,12 @@ class Proxier:
         before: Dict[str, str] = self.state.get("fingerprints", {})
         return {k for k in set(before) | set(prints) if before.get(k) != prints.get(k)}
 
-    def drifted(self, services, slices) -> bool:
+    def drifted(self, services, slices) -> Optional[str]:
         """Whether the node's rules differ from what they should be (someone flushed or
-        edited them); the periodic check rewrites everything only then.  A mode without
-        a cheap check says True: its periodic check is a full resync."""
-        return True
+        edited them): what differs first, or None; the periodic check rewrites everything
+        only then.  A mode without a cheap check always answers: its periodic check is a
+        full resync."""
+        return "no cheap check in this mode: the check is a full resync"
 
     def forget(self) -> None:
         self.cluster.proxy_state.get("nodes", {}).pop(self.node.name, None)
@@ -101,27 +102,36 @@ class IptablesProxier(Proxier):
         return "full" if changed is None else "partial"
 
 
-    def drifted(self, services, slices) -> bool:
+    def drifted(self, services, slices) -> Optional[str]:
         """Compare the node's tables with a full render, chain by chain and rule by rule
         (in canonical form: iptables-save spells rules its own way), and look for every
-        jump from the built-in chains.  A flushed, deleted, added or edited rule is found."""
+        jump from the built-in chains.  A flushed, deleted, added or edited rule is found;
+        the first difference is returned."""
         if not self.state.get("synced"):
-            return True
+            return "not synced yet"
         rendered = render_payload(services, slices, self.settings, changed=None, existing_chains=set()).text
         text = self.ruleset()
         jumps = {(t, c, target) for t, c, target in _jumps(text)}
-        if any((j.table, j.chain, j.target) not in jumps for j in all_jump_rules()):
-            return True
+        for j in all_jump_rules():
+            if (j.table, j.chain, j.target) not in jumps:
+                return f"{j.table} {j.chain}: the jump to {j.target} is missing"
         # the same render and the same tables as at the last check that found them equal:
         # equal still, without reading every rule again
         seen = hashlib.sha256(f"{rendered}\0{text}".encode()).hexdigest()
         if self.state.get("checked_equal") == seen:
-            return False
-        want, have = canonical_rules(rendered), canonical_rules(text)
-        if any(have.get(key) != rules for key, rules in want.items()):
-            return True
+            return None
+        want, have = rule_digests(rendered), rule_digests(text)
+        for (table, chain), rules in want.items():
+            held = have.get((table, chain))
+            if held is None:
+                return f"{table} {chain} is missing"
+            if len(held) != len(rules):
+                return f"{table} {chain} has {len(held)} rules, not {len(rules)}"
+            for i, (a, b) in enumerate(zip(held, rules)):
+                if a != b:
+                    return f"{table} {chain}: rule {i + 1} differs"
         self.state["checked_equal"] = seen
-        return False
+        return None
 
     def ruleset(self) -> str:
         """What the node holds now: iptables-save of nat and filter (for trace and explain)."""

@@ -449,9 +449,8 @@ class Reconciler:
             try:
                 return proxier.drifted(self.services, self.slices)
             except KproxyError as e:
-                log.warning("checking %s's rules: %s", proxier.node.name, e)
-                return True
-        found = [p.node.name for p, d in zip(proxiers, self._map(drifted, proxiers)) if d]
+                return f"the check failed: {e}"
+        found = [f"{p.node.name} ({why})" for p, why in zip(proxiers, self._map(drifted, proxiers)) if why]
         if found:
             log.info("rules to rewrite in full on %s", ", ".join(found))
         return bool(found)
