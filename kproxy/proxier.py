@@ -118,7 +118,7 @@ class IptablesProxier(Proxier):
         # the same render and the same tables as at the last check that found them equal:
         # equal still, without reading every rule again
         seen = hashlib.sha256(f"{rendered}\0{text}".encode()).hexdigest()
-        if self.state.get("checked_equal") == seen:
+        if _CHECKED_EQUAL.get(self.node.netns) == seen:
             return None
         want, have = rule_digests(rendered), rule_digests(text)
         for (table, chain), rules in want.items():
@@ -130,7 +130,7 @@ class IptablesProxier(Proxier):
             for i, (a, b) in enumerate(zip(held, rules)):
                 if a != b:
                     return f"{table} {chain}: rule {i + 1} differs"
-        self.state["checked_equal"] = seen
+        _CHECKED_EQUAL[self.node.netns] = seen
         return None
 
     def ruleset(self) -> str:
@@ -166,6 +166,10 @@ def _jumps(text: str):
         elif line.startswith("-A ") and not line.startswith("-A KUBE-") and " -j KUBE-" in line:
             yield table, line.split()[1], line.rsplit(" -j ", 1)[1].split()[0]
 
+
+# netns -> hash of the render and tables the last drift check found equal (in memory:
+# the check may run beside a pass that saves the cluster's state)
+_CHECKED_EQUAL: Dict[str, str] = {}
 
 _NFT_TABLES: dict = {}      # netns -> the kproxy.proxy.nftables.Table the kernel holds
 

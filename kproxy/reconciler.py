@@ -30,7 +30,7 @@ import copy
 import logging
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -54,9 +54,13 @@ READY_TIMEOUT = float(os.environ.get("KPROXY_READY_TIMEOUT", "10"))
 # kube-proxy's --min-sync-period default.
 DEFAULT_MIN_SYNC_PERIOD = 1.0
 # Time between a deleted pod's last rules leaving every node and its SIGTERM (a preStop
-# sleep): connections DNATed just before, still in the server's accept queue on a busy
-# machine, are served.  0.3 s lost one request in ~40,000 under load; 1 s none in our runs.
+# sleep): connections DNATed just before, still in flight or in the server's accept queue
+# on a busy machine, are served.
 DRAIN_SECONDS = 1.0
+# how long the periodic drift check may stay unanswered while changes keep the nodes
+# syncing (each sync throws the running check's answer away) before the next sync is
+# made a full rewrite instead
+CHECK_PATIENCE = 30.0
 OWNER_ANNOTATION = "kproxy.io/owner"
 
 
@@ -236,11 +240,15 @@ class Reconciler:
         self.want_full = False                               # the next sync rewrites everything
         self.owed = False                                    # a sync is due (batched by min_sync_period)
         self.check_due = False                               # the periodic drift check is due
+        self.check_due_since = 0.0                           # monotonic time it became due
+        self.check_patience = CHECK_PATIENCE                 # then a sync owed anyway is made full
         self.zone_text: Optional[str] = None
         self.services: List[o.Service] = []
         self.slices: List[o.EndpointSlice] = []
         self.endpoints = EndpointsController()
         self._pool: Optional[ThreadPoolExecutor] = None      # proxier syncs, one thread per node
+        self._checker: Optional[ThreadPoolExecutor] = None   # the drift check, beside the passes
+        self._check: Optional[Tuple[float, Future]] = None   # (last_sync when it began, its result)
         self.failed: Dict[str, str] = {}                     # pod key -> why it could not be created
 
     def close(self) -> None:
@@ -250,6 +258,9 @@ class Reconciler:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+        if self._checker is not None:
+            self._checker.shutdown(wait=True)
+            self._checker = None
 
     def kubelet_for(self, pod: Pod) -> Kubelet:
         """The kubelet-lite of the pod's node."""
@@ -427,8 +438,8 @@ class Reconciler:
                     # network programming latency counts from the change that asked for it:
                     # a store write, else now (a pod turned Ready or went away)
                     self.pending_since = self.trigger_time or time.time()
-            if check:
-                self.check_due = True
+            if check and not self.check_due:
+                self.check_due, self.check_due_since = True, time.monotonic()
             self.trigger_time = None
             self.prints_wanted = prints
             self.dirty = False
@@ -442,18 +453,38 @@ class Reconciler:
             self.zone_text = write_zone_text(self.cluster, self.zone_text)     # the file was changed by hand
         return owed
 
-    def _check_drift(self, proxiers) -> bool:
+    def _check_drift(self, proxiers, services, slices) -> bool:
         """The periodic check: does any node's kernel state differ from what it should
-        hold?  (A mode without a cheap check answers yes: its check is a full resync.)"""
-        def drifted(proxier):
+        hold?  (A mode without a cheap check answers yes: its check is a full resync.)
+        Runs on the checker thread, one node after the other."""
+        found = []
+        for proxier in proxiers:
             try:
-                return proxier.drifted(self.services, self.slices)
+                why = proxier.drifted(services, slices)
             except KproxyError as e:
-                return f"the check failed: {e}"
-        found = [f"{p.node.name} ({why})" for p, why in zip(proxiers, self._map(drifted, proxiers)) if why]
+                why = f"the check failed: {e}"
+            if why:
+                found.append(f"{proxier.node.name} ({why})")
         if found:
             log.info("rules to rewrite in full on %s", ", ".join(found))
         return bool(found)
+
+    def _drift_result(self, proxiers) -> Optional[bool]:
+        """The periodic check's answer once it has one, else None.  The check reads every
+        node's tables, which takes a while with thousands of rules, so it runs beside the
+        passes and never holds up a sync.  An answer about rules that a sync has changed
+        since the check began is thrown away, and the check begins again."""
+        if self._check is not None and self._check[1].done():
+            began, future = self._check
+            self._check = None
+            if began == self.last_sync:
+                return future.result()
+        if self._check is None:
+            if self._checker is None:
+                self._checker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="drift-check")
+            self._check = (self.last_sync, self._checker.submit(
+                self._check_drift, proxiers, list(self.services), list(self.slices)))
+        return None
 
     def _map(self, fn, items):
         """fn over items: side by side when there are several (one thread per node)."""
@@ -465,10 +496,10 @@ class Reconciler:
 
     def _sync_proxiers(self, report: PassReport) -> bool:
         proxiers = [proxier_for(self.cluster, node) for node in self.cluster.nodes]
-        if self.check_due and not self.owed:
+        if self.check_due and not self.owed and (drift := self._drift_result(proxiers)) is not None:
             self.check_due = False
             report.checked = True
-            if self._check_drift(proxiers):
+            if drift:
                 self.owed = self.want_full = True
                 report.drift = True
             else:
@@ -482,7 +513,9 @@ class Reconciler:
             return True
         prints = self.prints_wanted
         full = self.want_full
-        if self.check_due:           # a sync is owed anyway: make it the full one
+        if self.check_due and time.monotonic() - self.check_due_since > self.check_patience:
+            # changes keep coming before the check can answer: the sync owed anyway is made
+            # the full one, so that drift is repaired even on a cluster that never rests
             full, self.check_due = True, False
             report.checked = True
 
