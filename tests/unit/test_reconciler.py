@@ -85,3 +85,39 @@ def test_an_unchanged_service_keeps_its_slices_and_a_new_one_is_computed_alone()
     third = {s.service_name: s for s in ctl.compute({"Service": [svc_a, svc_b, svc_c]}, pods)[1]}
     assert third["b"] is first["b"], "b selects nothing that changed"
     assert third["a"] is not first["a"] and third["a"].endpoints[0].conditions.ready is False
+
+
+def test_the_drift_check_runs_beside_the_passes_and_a_stale_answer_is_dropped():
+    import threading
+    from kproxy.reconciler import Reconciler
+
+    r = Reconciler.__new__(Reconciler)          # only what the check needs
+    r._check, r._checker, r.last_sync, r.services, r.slices = None, None, 1.0, [], []
+    answers, release = [], threading.Event()
+
+    def check(proxiers, services, slices):
+        release.wait(10)
+        release.clear()
+        answers.append(r.last_sync)
+        return True
+
+    r._check_drift = check
+    try:
+        assert r._drift_result([]) is None                  # begun: the pass goes on
+        assert r._drift_result([]) is None                  # still running
+        release.set()
+        r._check[1].result(timeout=10)
+        assert r._drift_result([]) is True                  # answered, about the rules it read
+
+        assert r._drift_result([]) is None                  # a second check begins...
+        r.last_sync = 2.0                                   # ...and a sync changes the rules
+        release.set()
+        r._check[1].result(timeout=10)
+        assert r._drift_result([]) is None                  # that answer is dropped; again
+        release.set()
+        r._check[1].result(timeout=10)
+        assert r._drift_result([]) is True
+        assert len(answers) == 3
+    finally:
+        release.set()
+        r._checker.shutdown(wait=True)
