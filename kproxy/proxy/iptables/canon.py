@@ -16,10 +16,11 @@ from __future__ import annotations
 import functools
 import ipaddress
 import re
-from typing import Dict, List, Tuple
+from typing import Callable, Dict, List, Tuple, TypeVar
 
 Option = Tuple[str, Tuple[str, ...]]
 CanonicalRule = Tuple[Option, ...]
+T = TypeVar("T")
 
 _ADDRESS_OPTIONS = {"-s", "-d"}
 _MARK_OPTIONS = {"--mark", "--set-xmark"}
@@ -34,34 +35,28 @@ def canonical_rules(text: str, prefix: str = "KUBE-") -> Dict[Tuple[str, str], L
     """(table, chain) -> the chain's rules in order, canonical, for the chains whose name
     starts with ``prefix``; from iptables-save or iptables-restore text.  A declared chain
     without rules is there with an empty list."""
-    rules: Dict[Tuple[str, str], List[CanonicalRule]] = {}
-    table = ""
-    for line in text.splitlines():
-        if line.startswith("*"):
-            table = line[1:].strip()
-        elif line.startswith(":" + prefix):
-            rules.setdefault((table, line[1:].split()[0]), [])
-        elif line.startswith("-A " + prefix):
-            _, chain, *rest = line.split(None, 2)
-            rules.setdefault((table, chain), []).append(canonical_rule(rest[0] if rest else ""))
-    return rules
+    return _per_chain(text, prefix, canonical_rule)
 
 
 def rule_digests(text: str, prefix: str = "KUBE-") -> Dict[Tuple[str, str], List[int]]:
     """:func:`canonical_rules` with each rule reduced to the hash of its canonical form:
     as good for comparing texts within one process, at a fraction of the memory (the
     daemon compares every rule of every node)."""
-    digests: Dict[Tuple[str, str], List[int]] = {}
+    return _per_chain(text, prefix, lambda args: hash(canonical_rule(args)))
+
+
+def _per_chain(text: str, prefix: str, read: Callable[[str], T]) -> Dict[Tuple[str, str], List[T]]:
+    chains: Dict[Tuple[str, str], List[T]] = {}
     table = ""
     for line in text.splitlines():
         if line.startswith("*"):
             table = line[1:].strip()
         elif line.startswith(":" + prefix):
-            digests.setdefault((table, line[1:].split()[0]), [])
+            chains.setdefault((table, line[1:].split()[0]), [])
         elif line.startswith("-A " + prefix):
             _, chain, *rest = line.split(None, 2)
-            digests.setdefault((table, chain), []).append(hash(canonical_rule(rest[0] if rest else "")))
-    return digests
+            chains.setdefault((table, chain), []).append(read(rest[0] if rest else ""))
+    return chains
 
 
 def canonical_rule(args: str) -> CanonicalRule:
