@@ -120,7 +120,8 @@ def host_veth_name(container_id: str, ifname: str) -> str:
     return "veth" + digest[:8]
 
 
-def _random_mac() -> str:
+def random_mac() -> str:
+    """A random unicast, locally administered MAC address."""
     b = bytearray(os.urandom(6))
     b[0] = (b[0] & 0xFE) | 0x02  # unicast, locally administered
     return ":".join(f"{x:02x}" for x in b)
@@ -171,7 +172,7 @@ def ensure_bridge(nl: fastnl.NetlinkSocket, conf: NetConf) -> fastnl.Link:
                 raise _internal(f"could not lookup {conf.bridge!r}")
             # a MAC of its own, set explicitly: the bridge id follows it and it does
             # not change to the lowest port MAC as ports come and go
-            nl.set_link(br.index, mac=_random_mac())
+            nl.set_link(br.index, mac=random_mac())
         if br.kind != "bridge":
             raise _internal(f"{conf.bridge!r} already exists but is not a bridge")
         if conf.promisc_mode and not br.promisc:

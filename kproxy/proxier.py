@@ -109,12 +109,12 @@ class IptablesProxier(Proxier):
         the first difference is returned."""
         if not self.state.get("synced"):
             return "not synced yet"
-        rendered = render_payload(services, slices, self.settings, changed=None, existing_chains=set()).text
         text = self.ruleset()
         jumps = {(t, c, target) for t, c, target in _jumps(text)}
         for j in all_jump_rules():
             if (j.table, j.chain, j.target) not in jumps:
                 return f"{j.table} {j.chain}: the jump to {j.target} is missing"
+        rendered = render_payload(services, slices, self.settings, changed=None, existing_chains=set()).text
         # the same render and the same tables as at the last check that found them equal:
         # equal still, without reading every rule again
         seen = hashlib.sha256(f"{rendered}\0{text}".encode()).hexdigest()

@@ -9,6 +9,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from cni import netns
+from cni.bridge import random_mac
 from kproxy.errors import KernelError
 
 RTNH_F_ONLINK = 4
@@ -60,13 +61,6 @@ def add_bridge(ipr: IPRoute, name: str, mtu: Optional[int] = None, mac: Optional
     _do(f"create bridge {name}", ipr.link, "add", ifname=name, kind="bridge",
         address=mac or random_mac())
     set_up(ipr, name, mtu)
-
-
-def random_mac() -> str:
-    """A random unicast, locally administered MAC address."""
-    b = bytearray(os.urandom(6))
-    b[0] = (b[0] & 0xFC) | 0x02
-    return ":".join(f"{x:02x}" for x in b)
 
 
 def mac_for_ipv4(ip: str) -> str:
